@@ -1,0 +1,1 @@
+"""Native boundary: ctypes binding of librkllmrt, its C emulator, and the worker process (stdlib only)."""

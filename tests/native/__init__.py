@@ -1,0 +1,1 @@
+"""Tests of the native boundary: ctypes binding, version detection and the emulator."""
