@@ -1,0 +1,69 @@
+"""Repository metadata that HACS users and scripts/setup depend on."""
+
+import json
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+LOCK_PIN = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(?P<version>\S+)$")
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """Map each pinned distribution of a uv lock file to its version."""
+    pins: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = LOCK_PIN.match(line)
+        assert match, f"{path.name}: unexpected lock line {line!r}"
+        pins[match["name"].lower()] = match["version"]
+    return pins
+
+
+def year_month(ha_version: str) -> tuple[int, int]:
+    """HA versions are <year>.<month>.<patch>; HACS compares them numerically."""
+    year, month = ha_version.split(".")[:2]
+    return int(year), int(month)
+
+
+def test_hacs_minimum_version_is_the_oldest_tested_line(repo_root: Path) -> None:
+    hacs = json.loads((repo_root / "hacs.json").read_text(encoding="utf-8"))
+    assert hacs["name"] == "RKLLM"
+    assert hacs["render_readme"] is True
+    tested = [read_lock(lock)["homeassistant"] for lock in sorted((repo_root / "requirements").glob("*.lock"))]
+    assert len(tested) == 2, f"expected one lock per HA line, found {tested}"
+    # Claiming an older minimum would let HACS install us on releases we never ran against.
+    assert year_month(hacs["homeassistant"]) == min(year_month(v) for v in tested)
+
+
+def test_each_lock_pins_what_its_in_file_asks_for(repo_root: Path) -> None:
+    requirements = repo_root / "requirements"
+    for source in sorted(requirements.glob("ha-*.in")):
+        lock = read_lock(source.with_suffix(".lock"))
+        for line in [
+            *source.read_text(encoding="utf-8").splitlines(),
+            *(requirements / "common.in").read_text(encoding="utf-8").splitlines(),
+        ]:
+            match = LOCK_PIN.match(line.strip())
+            if match:
+                name = match["name"].lower()
+                assert lock.get(name) == match["version"], (
+                    f"{source.with_suffix('.lock').name} pins {name}=={lock.get(name)} but {source.name} or "
+                    f"common.in asks for {match['version']}: run requirements/compile"
+                )
+
+
+def test_running_venv_matches_its_lock(repo_root: Path) -> None:
+    ha_version = version("homeassistant")
+    locks = [read_lock(lock) for lock in (repo_root / "requirements").glob("*.lock")]
+    matching = [pins for pins in locks if pins["homeassistant"] == ha_version]
+    assert matching, f"installed homeassistant {ha_version} is not the version of any requirements/*.lock"
+    stale: list[str] = []
+    for name, pinned in matching[0].items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "missing"
+        if installed != pinned:
+            stale.append(f"{name} {installed} (lock: {pinned})")
+    assert not stale, "venv differs from its lock, run scripts/setup: " + ", ".join(stale)
