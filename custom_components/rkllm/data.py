@@ -1,0 +1,23 @@
+"""Typed runtime data of a loaded rkllm config entry (one engine = one runtime + model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from homeassistant.config_entries import ConfigEntry
+
+from rkllm_engine.engine import Engine
+
+
+@dataclass
+class RkllmRuntimeData:
+    """What the platforms and the HTTP views need from a loaded entry."""
+
+    engine: Engine
+    model_name: str
+    model_id: str  # raw model id for /v1/models: slug of the model file stem
+    runtime_version: str | None
+    abi_profile: str | None
+
+
+type RkllmConfigEntry = ConfigEntry[RkllmRuntimeData]
