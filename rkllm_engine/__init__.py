@@ -1,0 +1,32 @@
+"""The engine: requests in, events out; no Home Assistant imports (docs/CONTRACT.md)."""
+
+from rkllm_engine.output import OutputParser as OutputParser
+from rkllm_engine.output import ParseResult as ParseResult
+from rkllm_engine.output import new_tool_call_id as new_tool_call_id
+from rkllm_engine.types import ChatMessage as ChatMessage
+from rkllm_engine.types import ChatRequest as ChatRequest
+from rkllm_engine.types import CompletionRequest as CompletionRequest
+from rkllm_engine.types import ContextOverflowError as ContextOverflowError
+from rkllm_engine.types import EngineError as EngineError
+from rkllm_engine.types import EngineMetrics as EngineMetrics
+from rkllm_engine.types import EngineState as EngineState
+from rkllm_engine.types import EngineUnavailableError as EngineUnavailableError
+from rkllm_engine.types import Event as Event
+from rkllm_engine.types import Finished as Finished
+from rkllm_engine.types import FinishReason as FinishReason
+from rkllm_engine.types import GenerationError as GenerationError
+from rkllm_engine.types import InvalidRequestError as InvalidRequestError
+from rkllm_engine.types import Perf as Perf
+from rkllm_engine.types import Priority as Priority
+from rkllm_engine.types import QueueFullError as QueueFullError
+from rkllm_engine.types import ReasoningDelta as ReasoningDelta
+from rkllm_engine.types import Role as Role
+from rkllm_engine.types import Sampling as Sampling
+from rkllm_engine.types import TextDelta as TextDelta
+from rkllm_engine.types import ToolCall as ToolCall
+from rkllm_engine.types import ToolCallArgsDelta as ToolCallArgsDelta
+from rkllm_engine.types import ToolCallEnd as ToolCallEnd
+from rkllm_engine.types import ToolCallStart as ToolCallStart
+from rkllm_engine.types import ToolChoice as ToolChoice
+from rkllm_engine.types import Usage as Usage
+from rkllm_engine.types import WorkerCrashedError as WorkerCrashedError
