@@ -3,6 +3,15 @@
 from rkllm_engine.output import OutputParser as OutputParser
 from rkllm_engine.output import ParseResult as ParseResult
 from rkllm_engine.output import new_tool_call_id as new_tool_call_id
+from rkllm_engine.prompting import ClearKV as ClearKV
+from rkllm_engine.prompting import PlanMode as PlanMode
+from rkllm_engine.prompting import PrepStep as PrepStep
+from rkllm_engine.prompting import PromptPlan as PromptPlan
+from rkllm_engine.prompting import PromptPlanner as PromptPlanner
+from rkllm_engine.prompting import RunTurn as RunTurn
+from rkllm_engine.prompting import SetChatTemplate as SetChatTemplate
+from rkllm_engine.prompting import SetFunctionTools as SetFunctionTools
+from rkllm_engine.prompting import template_family as template_family
 from rkllm_engine.types import ChatMessage as ChatMessage
 from rkllm_engine.types import ChatRequest as ChatRequest
 from rkllm_engine.types import CompletionRequest as CompletionRequest
