@@ -76,7 +76,7 @@ class ChatRequest:
     enable_thinking: bool = False
     dynamic_context: str | None = None
     priority: Priority = Priority.API
-    json_mode: bool = False  # response_format json_object/json_schema: prefill "{"; caller validates
+    json_mode: bool = False  # response_format json_object/json_schema: an instruction in the turn; caller validates
 
 
 @dataclass(slots=True)
