@@ -81,7 +81,7 @@ def _first_error_line(output: str) -> str:
     """The compiler's first diagnostic that says error, else its first line: one line that names the problem."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in lines:
-        if "error" in line.lower():
+        if " error: " in line or line.startswith("error: "):  # gcc/ld: "file:1:2: error: …"
             return line
     return lines[0] if lines else "no compiler output"
 
