@@ -1,0 +1,139 @@
+"""Parse the runtime's `I/W/E rkllm:` log lines: the only place it reports versions and error reasons.
+
+The C API returns bare 0/-1 (rkllm-runtime.md §4.4); the detail (driver version, the model's context
+limit, why a prompt was refused) is printed on stdout. Formats follow rkllm-runtime.md Appendix A.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+LogLevel = Literal["I", "W", "E"]
+_LEVELS: dict[str, LogLevel] = {"I": "I", "W": "W", "E": "E"}
+
+_LINE = re.compile(r"^\s*(?P<level>[IWE])\s+rkllm:\s?(?P<message>.*?)\s*$")
+_RUNTIME_VERSION = re.compile(
+    r"rkllm-runtime version:\s*(?P<runtime>[^,]+?)\s*,\s*rknpu driver version:\s*(?P<driver>[^,]+?)\s*,"
+    r"\s*platform:\s*(?P<platform>\S+)"
+)
+_TOOLKIT = re.compile(
+    r"rkllm-toolkit version:\s*(?P<toolkit>[^,]+?)\s*,\s*max_context_limit:\s*(?P<limit>\d+)"
+    r"(?:\s*,\s*npu_core_num:\s*(?P<cores>\d+))?(?:\s*,\s*target_platform:\s*(?P<target>\S+))?"
+)
+_PROMPT_TOO_LONG = re.compile(
+    r"length of prompt is greater than max context \(prompt:\s*(?P<prompt>\d+)\s*tokens?,\s*max context:\s*"
+    r"(?P<context>\d+)\)"
+)
+_CONTEXT_NOT_ENOUGH = re.compile(
+    r"context is not enough!\s*history_s:\s*(?P<history>\d+),\s*cur_input_s:\s*(?P<input>\d+),\s*"
+    r"discard_s:\s*(?P<discard>\d+),\s*max_context:\s*(?P<context>\d+)"
+)
+_MAX_CONTEXT_TOO_BIG = re.compile(
+    r"max_context\[(?P<requested>\d+)\] must be less than the model's max_context_limit\[(?P<limit>\d+)\]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One runtime line split into its level letter and message."""
+
+    level: LogLevel
+    message: str
+
+    @property
+    def text(self) -> str:
+        """The line as the runtime printed it (normalised spacing)."""
+        return f"{self.level} rkllm: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class InitLogInfo:
+    """What `rkllm_init` printed about the runtime, the driver and the model."""
+
+    runtime_version: str | None = None
+    driver_version: str | None = None
+    platform: str | None = None
+    toolkit_version: str | None = None
+    max_context_limit: int | None = None
+    npu_core_num: int | None = None
+    target_platform: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextOverflow:
+    """The runtime refused a prompt because it does not fit the context window."""
+
+    line: str
+    prompt_tokens: int | None
+    max_context: int | None
+
+
+def parse_line(line: str) -> LogLine | None:
+    """Split an `X rkllm: …` line; None for anything else (our own output, Python warnings)."""
+    match = _LINE.match(line)
+    if match is None:
+        return None
+    return LogLine(level=_LEVELS[match["level"]], message=match["message"])
+
+
+def parse_init_lines(lines: Iterable[str]) -> InitLogInfo:
+    """Collect version, driver, platform and the model's context limit from the init output."""
+    runtime_version = driver_version = platform = toolkit_version = target_platform = None
+    max_context_limit = npu_core_num = None
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is None or parsed.level != "I":
+            continue
+        if (match := _RUNTIME_VERSION.search(parsed.message)) is not None:
+            runtime_version = match["runtime"]
+            driver_version = match["driver"]
+            platform = match["platform"]
+        elif (match := _TOOLKIT.search(parsed.message)) is not None:
+            toolkit_version = match["toolkit"]
+            max_context_limit = int(match["limit"])
+            npu_core_num = int(match["cores"]) if match["cores"] else None
+            target_platform = match["target"]
+    return InitLogInfo(
+        runtime_version=runtime_version,
+        driver_version=driver_version,
+        platform=platform,
+        toolkit_version=toolkit_version,
+        max_context_limit=max_context_limit,
+        npu_core_num=npu_core_num,
+        target_platform=target_platform,
+    )
+
+
+def find_context_overflow(lines: Iterable[str]) -> ContextOverflow | None:
+    """The last line that says the prompt or history does not fit the context, with its numbers."""
+    found: ContextOverflow | None = None
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is None or parsed.level != "E":
+            continue
+        if (match := _PROMPT_TOO_LONG.search(parsed.message)) is not None:
+            found = ContextOverflow(parsed.text, int(match["prompt"]), int(match["context"]))
+        elif (match := _CONTEXT_NOT_ENOUGH.search(parsed.message)) is not None:
+            total = int(match["history"]) + int(match["input"])
+            found = ContextOverflow(parsed.text, total, int(match["context"]))
+        elif (match := _MAX_CONTEXT_TOO_BIG.search(parsed.message)) is not None:
+            found = ContextOverflow(parsed.text, int(match["requested"]), int(match["limit"]))
+    return found
+
+
+def last_problem_line(lines: Iterable[str], levels: str = "EW") -> str | None:
+    """The most recent error (or warning) line, the best one-line reason to show a user."""
+    last_error: str | None = None
+    last_warning: str | None = None
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is None or parsed.level not in levels:
+            continue
+        if parsed.level == "E":
+            last_error = parsed.text
+        else:
+            last_warning = parsed.text
+    return last_error or last_warning
