@@ -1,0 +1,1076 @@
+"""The emulator behaves as rkllm_native/emulator/MODEL_FORMAT.md documents, in both ABI flavours.
+
+These tests drive the C library through minimal local ctypes declarations (the full binding is tested in
+test_binding_*). Expected token counts are computed from the documented tokenizer and template (§4, §5),
+so a drift between the specification and the C code fails here.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rkllm_native.build import Profile, emulator_library
+
+PROFILES: tuple[Profile, ...] = ("v12x", "v130")
+NORMAL, WAITING, FINISH, ERROR = 0, 1, 2, 3
+
+# ---------------------------------------------------------------------------------------------------------------
+# The documented tokenizer and template (MODEL_FORMAT.md §4-§5), re-implemented to predict token counts.
+
+
+def pieces(text: str, chars_per_token: int = 4) -> list[bytes]:
+    data = text.encode()
+
+    def kind(byte: int) -> int:
+        if chr(byte).isascii() and chr(byte).isalnum():
+            return 1
+        if byte in b" \t\n\r\v\f":
+            return 2
+        return 3 if byte >= 0x80 else 0
+
+    out: list[bytes] = []
+    start = 0
+    while start < len(data):
+        current = kind(data[start])
+        end = start + 1
+        if current:
+            while end < len(data) and kind(data[end]) == current:
+                end += 1
+        out += [data[cut : min(cut + chars_per_token, end)] for cut in range(start, end, chars_per_token)]
+        start = end
+    return out
+
+
+def ntok(text: str) -> int:
+    return len(pieces(text))
+
+
+def system_part(system: str) -> str:
+    return f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+
+
+def user_turn(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# ---------------------------------------------------------------------------------------------------------------
+# Minimal ctypes declarations of both ABI flavours (rkllm-runtime.md §2-§3).
+
+
+class ExtendParam(ctypes.Structure):
+    _fields_ = (
+        ("base_domain_id", ctypes.c_int32),
+        ("embed_flash", ctypes.c_int8),
+        ("enabled_cpus_num", ctypes.c_int8),
+        ("enabled_cpus_mask", ctypes.c_uint32),
+        ("n_batch", ctypes.c_uint8),
+        ("use_cross_attn", ctypes.c_int8),
+        ("reserved", ctypes.c_uint8 * 104),
+    )
+
+
+_PARAM_HEAD = (
+    ("model_path", ctypes.c_char_p),
+    ("max_context_len", ctypes.c_int32),
+    ("max_new_tokens", ctypes.c_int32),
+    ("top_k", ctypes.c_int32),
+    ("n_keep", ctypes.c_int32),
+    ("top_p", ctypes.c_float),
+    ("temperature", ctypes.c_float),
+    ("repeat_penalty", ctypes.c_float),
+    ("frequency_penalty", ctypes.c_float),
+    ("presence_penalty", ctypes.c_float),
+    ("mirostat", ctypes.c_int32),
+    ("mirostat_tau", ctypes.c_float),
+    ("mirostat_eta", ctypes.c_float),
+    ("skip_special_token", ctypes.c_bool),
+)
+
+
+class ParamV12x(ctypes.Structure):
+    _fields_ = (
+        *_PARAM_HEAD,
+        ("is_async", ctypes.c_bool),
+        ("img_start", ctypes.c_char_p),
+        ("img_end", ctypes.c_char_p),
+        ("img_content", ctypes.c_char_p),
+        ("extend_param", ExtendParam),
+    )
+
+
+class ParamV130(ctypes.Structure):
+    _fields_ = (
+        *_PARAM_HEAD,
+        ("ignore_eos_token", ctypes.c_bool),
+        ("is_async", ctypes.c_bool),
+        ("extend_param", ExtendParam),
+    )
+
+
+class TokenInput(ctypes.Structure):
+    _fields_ = (("input_ids", ctypes.POINTER(ctypes.c_int32)), ("n_tokens", ctypes.c_size_t))
+
+
+class UnionV12x(ctypes.Union):
+    _fields_ = (("prompt_input", ctypes.c_char_p), ("token_input", TokenInput), ("raw", ctypes.c_uint64 * 6))
+
+
+class UnionV130(ctypes.Union):
+    _fields_ = (("prompt_input", ctypes.c_char_p), ("token_input", TokenInput), ("raw", ctypes.c_uint64 * 18))
+
+
+class InputV12x(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = (
+        ("role", ctypes.c_char_p),
+        ("enable_thinking", ctypes.c_bool),
+        ("input_type", ctypes.c_int),
+        ("u", UnionV12x),
+    )
+
+
+class InputV130(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = (
+        ("role", ctypes.c_char_p),
+        ("enable_thinking", ctypes.c_bool),
+        ("input_type", ctypes.c_int),
+        ("u", UnionV130),
+    )
+
+
+class LoraParam(ctypes.Structure):
+    _fields_ = (("lora_adapter_name", ctypes.c_char_p),)
+
+
+class LoraAdapter(ctypes.Structure):
+    _fields_ = (("path", ctypes.c_char_p), ("name", ctypes.c_char_p), ("scale", ctypes.c_float))
+
+
+class PromptCacheParam(ctypes.Structure):
+    _fields_ = (("save_prompt_cache", ctypes.c_int), ("prompt_cache_path", ctypes.c_char_p))
+
+
+class SamplingParam(ctypes.Structure):
+    _fields_ = (
+        ("top_k", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("frequency_penalty", ctypes.c_float),
+        ("presence_penalty", ctypes.c_float),
+        ("mirostat", ctypes.c_int32),
+        ("mirostat_tau", ctypes.c_float),
+        ("mirostat_eta", ctypes.c_float),
+    )
+
+
+class InferV12x(ctypes.Structure):
+    _fields_ = (
+        ("mode", ctypes.c_int),
+        ("lora_params", ctypes.POINTER(LoraParam)),
+        ("prompt_cache_params", ctypes.POINTER(PromptCacheParam)),
+        ("keep_history", ctypes.c_int),
+    )
+
+
+class InferV130(ctypes.Structure):
+    _fields_ = (
+        ("mode", ctypes.c_int),
+        ("lora_params", ctypes.POINTER(LoraParam)),
+        ("prompt_cache_params", ctypes.POINTER(PromptCacheParam)),
+        ("sampling_params", ctypes.POINTER(SamplingParam)),
+        ("keep_history", ctypes.c_int),
+        ("max_new_tokens", ctypes.c_int32),
+    )
+
+
+class Tensor(ctypes.Structure):
+    _fields_ = (("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_int), ("num_tokens", ctypes.c_int))
+
+
+class Perf(ctypes.Structure):
+    _fields_ = (
+        ("prefill_time_ms", ctypes.c_float),
+        ("prefill_tokens", ctypes.c_int),
+        ("generate_time_ms", ctypes.c_float),
+        ("generate_tokens", ctypes.c_int),
+        ("memory_usage_mb", ctypes.c_float),
+    )
+
+
+class Result(ctypes.Structure):
+    _fields_ = (
+        ("text", ctypes.c_void_p),
+        ("token_id", ctypes.c_int32),
+        ("last_hidden_layer", Tensor),
+        ("logits", Tensor),
+        ("perf", Perf),
+    )
+
+
+CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(Result), ctypes.c_void_p, ctypes.c_int)
+
+
+class CallbackV130(ctypes.Structure):
+    _fields_ = (
+        ("result_callback", CALLBACK),
+        ("result_userdata", ctypes.c_void_p),
+        ("tokenizer_callback", ctypes.c_void_p),
+        ("tokenizer_userdata", ctypes.c_void_p),
+        ("embed_callback", ctypes.c_void_p),
+        ("embed_userdata", ctypes.c_void_p),
+    )
+
+
+_LIBRARIES: dict[str, ctypes.CDLL] = {}
+
+
+def load(profile: Profile) -> ctypes.CDLL:
+    if profile not in _LIBRARIES:
+        lib = ctypes.CDLL(str(emulator_library(profile)))
+        handle = ctypes.c_void_p
+        lib.rkllm_run.argtypes = (handle, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        lib.rkllm_run_async.argtypes = (handle, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        for name in ("rkllm_abort", "rkllm_is_running", "rkllm_destroy", "rkllm_release_prompt_cache"):
+            getattr(lib, name).argtypes = (handle,)
+        lib.rkllm_clear_kv_cache.argtypes = (
+            handle,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_int),
+        )
+        lib.rkllm_get_kv_cache_size.argtypes = (handle, ctypes.POINTER(ctypes.c_int))
+        lib.rkllm_set_chat_template.argtypes = (handle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
+        lib.rkllm_set_function_tools.argtypes = (handle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
+        lib.rkllm_load_prompt_cache.argtypes = (handle, ctypes.c_char_p)
+        lib.rkllm_load_lora.argtypes = (handle, ctypes.POINTER(LoraAdapter))
+        lib.rkllm_init.argtypes = (ctypes.POINTER(handle), ctypes.c_void_p, ctypes.c_void_p)
+        _LIBRARIES[profile] = lib
+    return _LIBRARIES[profile]
+
+
+@dataclass
+class Event:
+    state: int
+    text: bytes | None
+    token_id: int
+    perf: tuple[float, int, float, int, float] | None = None
+    hidden: tuple[int, int] | None = None
+
+
+@dataclass
+class RunResult:
+    rc: int
+    events: list[Event]
+
+    @property
+    def text(self) -> str:
+        return b"".join(e.text or b"" for e in self.events if e.state == NORMAL).decode()
+
+    @property
+    def finish(self) -> Event | None:
+        finishes = [e for e in self.events if e.state == FINISH]
+        assert len(finishes) <= 1
+        return finishes[0] if finishes else None
+
+    @property
+    def prefill_tokens(self) -> int:
+        assert self.finish is not None
+        assert self.finish.perf is not None
+        return self.finish.perf[1]
+
+
+@dataclass
+class Session:
+    """One emulator handle with an event-recording callback."""
+
+    profile: Profile
+    model: Path
+    max_context_len: int = 4096
+    max_new_tokens: int = 256
+    n_keep: int = -1
+    n_batch: int = 1
+    cpus: tuple[int, int] = (4, 0xF0)
+    skip_special_token: bool = True
+    on_event: Callable[["Session", Event], int] | None = None
+    events: list[list[Event]] = field(default_factory=list)
+    userdata_seen: list[int | None] = field(default_factory=list)
+    init_rc: int = 0
+    handle: ctypes.c_void_p = field(default_factory=ctypes.c_void_p)
+
+    def __post_init__(self) -> None:
+        self.lib = load(self.profile)
+        self._callback = CALLBACK(self._on_result)
+        param_type = ParamV130 if self.profile == "v130" else ParamV12x
+        self.param = param_type()
+        self.param.model_path = str(self.model).encode()
+        self.param.max_context_len = self.max_context_len
+        self.param.max_new_tokens = self.max_new_tokens
+        self.param.n_keep = self.n_keep
+        self.param.top_k = 1
+        self.param.top_p = 0.9
+        self.param.temperature = 0.8
+        self.param.repeat_penalty = 1.1
+        self.param.skip_special_token = self.skip_special_token
+        self.param.extend_param.n_batch = self.n_batch
+        self.param.extend_param.enabled_cpus_num, self.param.extend_param.enabled_cpus_mask = self.cpus
+        if self.profile == "v130":
+            self.callbacks = CallbackV130(result_callback=self._callback, result_userdata=0x5EED)
+            self.init_rc = self.lib.rkllm_init(
+                ctypes.byref(self.handle), ctypes.byref(self.param), ctypes.byref(self.callbacks)
+            )
+        else:
+            self.init_rc = self.lib.rkllm_init(
+                ctypes.byref(self.handle), ctypes.byref(self.param), ctypes.cast(self._callback, ctypes.c_void_p)
+            )
+
+    def _on_result(self, result: Any, userdata: int | None, state: int) -> int:
+        self.userdata_seen.append(userdata)
+        for index in range(self.n_batch):
+            item = result[index]
+            text = ctypes.string_at(item.text) if item.text else None
+            perf = None
+            if state == FINISH:
+                p = item.perf
+                perf = (p.prefill_time_ms, p.prefill_tokens, p.generate_time_ms, p.generate_tokens, p.memory_usage_mb)
+            hidden = None
+            if item.last_hidden_layer.size:
+                hidden = (item.last_hidden_layer.size, item.last_hidden_layer.num_tokens)
+            self.events[index].append(Event(state, text, item.token_id, perf, hidden))
+        if self.on_event is not None:
+            return self.on_event(self, self.events[0][-1])
+        return 0
+
+    def make_input(self, text: str | None, role: str = "user", thinking: bool = False) -> Any:
+        input_type = InputV130 if self.profile == "v130" else InputV12x
+        item = input_type()
+        item.role = role.encode()
+        item.enable_thinking = thinking
+        item.input_type = 0
+        item.prompt_input = text.encode() if text is not None else None
+        return item
+
+    def make_infer(self, keep_history: bool = False, **extra: Any) -> Any:
+        infer = (InferV130 if self.profile == "v130" else InferV12x)()
+        infer.keep_history = int(keep_history)
+        for key, value in extra.items():
+            setattr(infer, key, value)
+        return infer
+
+    def run(
+        self,
+        text: str | list[str] | None,
+        role: str = "user",
+        *,
+        keep_history: bool = False,
+        thinking: bool = False,
+        userdata: int | None = None,
+        **infer: Any,
+    ) -> RunResult | list[RunResult]:
+        texts = text if isinstance(text, list) else [text]
+        inputs = (InputV130 if self.profile == "v130" else InputV12x) * len(texts)
+        array = inputs(*(self.make_input(t, role, thinking) for t in texts))
+        self.events = [[] for _ in range(self.n_batch)]
+        rc = self.lib.rkllm_run(
+            self.handle, ctypes.byref(array), ctypes.byref(self.make_infer(keep_history, **infer)), userdata
+        )
+        results = [RunResult(rc, events) for events in self.events]
+        return results if isinstance(text, list) else results[0]
+
+    def one(self, text: str | None, role: str = "user", **kwargs: Any) -> RunResult:
+        result = self.run(text, role, **kwargs)
+        assert isinstance(result, RunResult)
+        return result
+
+    def kv(self) -> list[int]:
+        sizes = (ctypes.c_int * self.n_batch)()
+        assert self.lib.rkllm_get_kv_cache_size(self.handle, sizes) == 0
+        return list(sizes)
+
+    def set_tools(self, system: str, tools_json: str) -> int:
+        return int(
+            self.lib.rkllm_set_function_tools(self.handle, system.encode(), tools_json.encode(), b"tool_response")
+        )
+
+    def set_template(self, system: str, prefix: str, postfix: str) -> int:
+        return int(self.lib.rkllm_set_chat_template(self.handle, system.encode(), prefix.encode(), postfix.encode()))
+
+    def close(self) -> None:
+        if self.handle:
+            assert self.lib.rkllm_destroy(self.handle) == 0
+            self.handle = ctypes.c_void_p()
+
+
+@pytest.fixture
+def write_model(tmp_path: Path) -> Callable[..., Path]:
+    def write(body: str = "", name: str = "test.model") -> Path:
+        path = tmp_path / name
+        path.write_text("rkllm-emulator-model 1\nspeed = 0\n" + body, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def sessions() -> Iterator[Callable[..., Session]]:
+    opened: list[Session] = []
+
+    def open_session(profile: Profile, model: Path, **options: Any) -> Session:
+        session = Session(profile, model, **options)
+        opened.append(session)
+        return session
+
+    yield open_session
+    for session in opened:
+        session.close()
+
+
+TOOLS = '[{"type":"function","function":{"name":"intent__HassTurnOn","parameters":{}}}]'
+ASSIST_RULES = (
+    'answer user "turn on*" = <tool_call>\\n{"name": "{{tool:HassTurnOn}}", "arguments": {"name": "Kitchen Light"}}'
+    "\\n</tool_call>\n"
+    'answer user "turn on*" = Which device?\n'
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# init
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_init_prints_runtime_lines_and_takes_the_load_time(
+    profile: Profile,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    model = write_model("speed = 1\nload_time_ms = 150\nmax_context_limit = 8192\n")
+    started = time.monotonic()
+    session = sessions(profile, model)
+    elapsed = time.monotonic() - started
+    assert session.init_rc == 0
+    assert session.handle
+    assert 0.15 <= elapsed < 1.0
+    version = "1.3.0" if profile == "v130" else "1.2.3"
+    assert capfd.readouterr().out.splitlines() == [
+        f"I rkllm: rkllm-runtime version: {version}, rknpu driver version: 0.9.8, platform: RK3588",
+        f"I rkllm: loading rkllm model from {model}",
+        "I rkllm: rkllm-toolkit version: 1.2.1, max_context_limit: 8192, npu_core_num: 3, target_platform: RK3588",
+        "I rkllm: Enabled cpus num: 4",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model_body", "options", "line"),
+    [
+        ("", {"n_batch": 0}, "E rkllm: The n_batch must be between 1 and 100, but got 0"),
+        ("", {"n_keep": 4096}, "E rkllm: The n_keep must be less than the max_context_len"),
+        (
+            "max_context_limit = 2048\n",
+            {},
+            "E rkllm: max_context[4096] must be less than the model's max_context_limit[2048]",
+        ),
+        (
+            "",
+            {"cpus": (4, 0x70)},
+            "E rkllm: Mismatch between enabled CPUs mask and expected count. Please check the configuration.",
+        ),
+        (
+            "",
+            {"cpus": (2, 0x30)},
+            "E rkllm: The number of enabled CPUs must be greater than or equal to the number of NPU cores.",
+        ),
+        ("host_platform = RK3576\n", {}, "E rkllm: the model's target_platform does not match the real platform"),
+        (
+            "toolkit_version = 9.0.0\n",
+            {},
+            "E rkllm: The rkllm-runtime version is lower than the rkllm-toolkit version. "
+            "Please update rkllm-runtime to 9.0.0 or higher.",
+        ),
+        ("fault = init_fail\n", {}, "E rkllm: emulated init failure (fault = init_fail in {model})"),
+        (
+            "chars_per_token = 0\n",
+            {},
+            "E rkllm: emulator model {model}:3: chars_per_token must be between 1 and 64, got 0",
+        ),
+        ("answer user hi = x\n", {}, "E rkllm: emulator model {model}:3: expected a double-quoted pattern"),
+    ],
+)
+def test_init_rejects_bad_settings_with_one_specific_line(
+    model_body: str,
+    options: dict[str, Any],
+    line: str,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    model = write_model(model_body)
+    session = sessions("v12x", model, **options)
+    assert session.init_rc == -1
+    assert not session.handle
+    errors = [text for text in capfd.readouterr().out.splitlines() if text.startswith("E ")]
+    assert errors[0] == line.format(model=model)
+
+
+def test_missing_model_file_names_the_path(
+    tmp_path: Path, sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v130", tmp_path / "nope.model")
+    assert session.init_rc == -1
+    assert f"E rkllm: failed to open model file '{tmp_path / 'nope.model'}': No such file or directory" in (
+        capfd.readouterr().out.splitlines()
+    )
+
+
+def test_old_driver_only_warns(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v12x", write_model("driver_version = 0.9.6\n"))
+    assert session.init_rc == 0
+    out = capfd.readouterr().out.splitlines()
+    assert "I rkllm: rkllm-runtime version: 1.2.3, rknpu driver version: 0.9.6, platform: RK3588" in out
+    assert "W rkllm: Warning: Your rknpu driver version is too low, please upgrade to 0.9.8" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# answers and templates
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_tool_rule_names_the_offered_tool_and_is_skipped_without_it(
+    profile: Profile, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions(profile, write_model(ASSIST_RULES))
+    assert session.one("turn on the kitchen light").text == "Which device?"
+    assert session.set_tools("You control a home.", TOOLS) == 0
+    result = session.one("turn on the kitchen light")
+    assert result.rc == 0
+    assert (
+        result.text
+        == '<tool_call>\n{"name": "intent__HassTurnOn", "arguments": {"name": "Kitchen Light"}}\n</tool_call>'
+    )
+
+
+def test_tool_results_match_rules_and_after_clauses(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    rules = (
+        'answer tool "*\\"error\\"*" = Sorry.\n'
+        'answer tool "*action_done*" after "*turn off*" = It is off.\n'
+        'answer tool "*action_done*" = It is on.\n'
+        "default_answer = Echo {{input}}\n"
+    )
+    session = sessions("v130", write_model(rules))
+    done = '[{"content":{"response_type":"action_done"}}]'
+    assert session.one('[{"content":{"error":"MatchFailedError"}}]', "tool").text == "Sorry."
+    assert session.one(done, "tool").text == "It is on."
+    assert session.one("Please TURN OFF the light").text == "Echo Please TURN OFF the light"
+    assert session.one(done, "tool").text == "It is off."
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_keep_history_prefills_only_the_new_turn(
+    profile: Profile, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions(profile, write_model("default_answer = ok\n"))
+    first = session.one("hello there", keep_history=True)
+    assert first.prefill_tokens == ntok(system_part(DEFAULT_SYSTEM) + user_turn("hello there"))
+    # the answer "ok" plus the end-of-turn token stay in the KV
+    assert session.kv() == [first.prefill_tokens + 2]
+    second = session.one("and again", keep_history=True)
+    assert second.prefill_tokens == ntok(user_turn("and again"))
+    assert session.kv() == [first.prefill_tokens + 2 + second.prefill_tokens + 2]
+    tool = session.one('{"ok": true}', "tool", keep_history=True)
+    assert tool.prefill_tokens == ntok(user_turn('<tool_response>\n{"ok": true}\n</tool_response>'))
+
+
+def test_keep_history_0_keeps_only_the_system_prompt_and_reuses_it(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v12x", write_model())
+    system = ntok(system_part(DEFAULT_SYSTEM))
+    assert session.one("first question").prefill_tokens == system + ntok(user_turn("first question"))
+    assert session.kv() == [system]
+    capfd.readouterr()
+    assert session.one("second").prefill_tokens == ntok(user_turn("second"))
+    total = system + ntok(user_turn("second"))
+    assert f"I rkllm: kv cache matches {system} / {total} tokens of prompt" in capfd.readouterr().out.splitlines()
+    assert session.lib.rkllm_clear_kv_cache(session.handle, 0, None, None) == 0
+    assert session.kv() == [0]
+    assert session.one("third").prefill_tokens == system + ntok(user_turn("third"))
+
+
+def test_function_tools_render_the_qwen_tools_block(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("v130", write_model())
+    assert session.set_tools("You control a home.", TOOLS) == 0
+    tool_line = '{"type":"function","function":{"name":"intent__HassTurnOn","parameters":{}}}'
+    system = (
+        "<|im_start|>system\nYou control a home.\n\n# Tools\n\nYou may call one or more functions to assist with "
+        "the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        f"{tool_line}\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+        'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+    )
+    assert session.one("hi").prefill_tokens == ntok(system + user_turn("hi"))
+    assert session.set_tools("x", "{not json") == -1
+    assert session.set_tools("x", '{"type": "function"}') == -1
+
+
+def test_thinking_model_thinks_only_when_asked(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("v130", write_model("calibration = qwen3-1.7b-rk3588\nspeed = 0\ndefault_answer = Hi.\n"))
+    thinking = session.one("hello", thinking=True)
+    assert thinking.text == "<think>\nLet me think about this request.\n</think>\n\nHi."
+    plain = session.one("hello")
+    assert plain.text == "Hi."
+    # Qwen3 without a default system prompt; thinking off adds the empty think block to the prompt.
+    assert plain.prefill_tokens == ntok(user_turn("hello") + "<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize(
+    ("postfix", "expected"),
+    [
+        (
+            '<tool_call>\n{"name": "',
+            'intent__HassTurnOn", "arguments": {"name": "Kitchen Light"}}\n</tool_call>',
+        ),
+        ('<tool_call>\n{"name": "intent__HassTurnOn", "arguments": ', '{"name": "Kitchen Light"}}\n</tool_call>'),
+        ('<tool_call>\n{"name": "other_tool", "arguments": ', "{}}\n</tool_call>"),
+        ("{", '"text": "Which device?"}'),
+    ],
+)
+def test_custom_template_prefill_is_continued(
+    postfix: str, expected: str, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("v12x", write_model(ASSIST_RULES))
+    assert session.set_tools("You control a home.", TOOLS) == 0
+    text = "turn on the lamp" if postfix != "{" else "turn on"
+    assert session.set_template("<|im_start|>system\nS<|im_end|>\n", "<|im_start|>user\n", postfix) == 0
+    if postfix == "{":
+        session.set_tools("no tools", "[]")
+        session.set_template("", "", postfix)
+    result = session.one(text)
+    assert result.text == expected
+    # set_function_tools brings the built-in template back: no continuation any more
+    assert session.set_tools("You control a home.", TOOLS) == 0
+    assert session.one("turn on the lamp").text.startswith("<tool_call>\n")
+
+
+def test_empty_custom_template_sends_the_raw_prompt(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v130", write_model())
+    capfd.readouterr()
+    assert session.set_template("", "", "") == 0
+    out = capfd.readouterr().out.splitlines()
+    assert out[0].startswith("W rkllm: Calling rkllm_set_chat_template will disable the internal automatic")
+    assert session.one("Once upon a time").prefill_tokens == ntok("Once upon a time")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# callbacks, UTF-8, pause, abort
+
+
+@pytest.mark.parametrize(("split", "profile"), [("waiting", "v12x"), ("raw", "v130")])
+def test_split_utf8_characters(
+    split: str, profile: Profile, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions(profile, write_model(f"utf8_split = {split}\ndefault_answer = 日本語!\n"))
+    result = session.one("x")
+    states = [(e.state, e.text) for e in result.events if e.state != FINISH]
+    raw = "日本語".encode()
+    if split == "waiting":
+        assert states == [(WAITING, None), (WAITING, None), (NORMAL, raw), (NORMAL, b"!")]
+    else:
+        assert states == [(NORMAL, raw[:4]), (NORMAL, raw[4:8]), (NORMAL, raw[8:]), (NORMAL, b"!")]
+    assert [e.token_id for e in result.events[:3]] == [e.token_id for e in result.events[:3] if e.token_id >= 0]
+    assert result.finish is not None
+    assert result.finish.perf is not None
+    assert result.finish.perf[3] == 4  # four generated tokens whatever the delivery
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_pause_keeps_the_kv_and_allows_a_ranged_clear(
+    profile: Profile, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions(profile, write_model("default_answer = one two three four five\n"))
+    session.on_event = lambda s, e: 1 if e.state == NORMAL and e.text == b"two" else 0
+    result = session.one("count")
+    assert result.rc == 0
+    assert result.text == "one two"
+    assert result.finish is None
+    prompt = ntok(system_part(DEFAULT_SYSTEM) + user_turn("count"))
+    assert session.kv() == [prompt + 3]
+    start, end = (ctypes.c_int * 1)(prompt), (ctypes.c_int * 1)(prompt + 3)
+    assert session.lib.rkllm_clear_kv_cache(session.handle, 1, start, end) == 0
+    assert session.kv() == [prompt]
+    session.on_event = None
+    resumed = session.one("go on")  # resumes on the kept KV: only the new turn is prefilled
+    assert resumed.prefill_tokens == ntok(user_turn("go on"))
+    assert session.lib.rkllm_clear_kv_cache(session.handle, 1, start, end) == -1  # not paused any more
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_abort_from_another_thread_ends_the_run_without_finish(
+    profile: Profile,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    answer = " ".join(["word"] * 200)  # 400 tokens at 100 tok/s: 4 s unless aborted
+    session = sessions(
+        profile, write_model(f"speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 100\ndefault_answer = {answer}\n")
+    )
+    seen_running: list[int] = []
+
+    def abort_soon() -> None:
+        deadline = time.monotonic() + 2
+        while not session.lib.rkllm_is_running(session.handle) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen_running.append(session.lib.rkllm_is_running(session.handle))
+        time.sleep(0.1)
+        session.lib.rkllm_abort(session.handle)
+
+    aborter = threading.Thread(target=abort_soon)
+    aborter.start()
+    started = time.monotonic()
+    result = session.one("talk")
+    elapsed = time.monotonic() - started
+    aborter.join()
+    assert seen_running == [1]
+    assert session.lib.rkllm_is_running(session.handle) == 0
+    assert result.rc == 0
+    assert result.finish is None
+    assert 0.1 < elapsed < 1.0
+    assert 5 < len(result.events) < 60
+    assert "I rkllm: rkllm_run was aborted" in capfd.readouterr().out.splitlines()
+    assert session.kv() == [ntok(system_part(DEFAULT_SYSTEM))]  # keep_history=0: back to the system prompt
+
+
+def test_abort_delay_is_honoured(write_model: Callable[..., Path], sessions: Callable[..., Session]) -> None:
+    session = sessions(
+        "v12x",
+        write_model(
+            "speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 200\nabort_delay_ms = 300\ndefault_answer = "
+            + "a " * 400
+            + "\n"
+        ),
+    )
+    aborted_at: list[float] = []
+
+    def abort_on_first(s: Session, event: Event) -> int:
+        if not aborted_at:
+            aborted_at.append(time.monotonic())
+            s.lib.rkllm_abort(s.handle)
+        return 0
+
+    session.on_event = abort_on_first
+    result = session.one("go")
+    delay = time.monotonic() - aborted_at[0]
+    assert result.rc == 0
+    assert result.finish is None
+    assert 0.3 <= delay < 0.6
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_second_run_on_a_busy_handle_is_refused(
+    profile: Profile,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    session = sessions(profile, write_model("default_answer = a b c\n"))
+    nested: list[int] = []
+
+    def reenter(s: Session, event: Event) -> int:
+        if not nested:
+            item = s.make_input("nested")
+            nested.append(s.lib.rkllm_run(s.handle, ctypes.byref(item), ctypes.byref(s.make_infer()), None))
+            nested.append(s.lib.rkllm_is_running(s.handle))
+        return 0
+
+    session.on_event = reenter
+    result = session.one("outer")
+    assert nested == [-1, 1]
+    assert result.text == "a b c"
+    assert "E rkllm: rkllm_run: another rkllm_run is already running on this handle" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_run_async_returns_at_once_and_delivers_from_its_thread(
+    profile: Profile, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions(
+        profile, write_model("speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 100\ndefault_answer = a b c d e\n")
+    )
+    item = session.make_input("hi")
+    session.events = [[]]
+    started = time.monotonic()
+    assert (
+        session.lib.rkllm_run_async(session.handle, ctypes.byref(item), ctypes.byref(session.make_infer()), None) == 0
+    )
+    assert time.monotonic() - started < 0.05
+    assert session.lib.rkllm_is_running(session.handle) == 1
+    while session.lib.rkllm_is_running(session.handle):
+        time.sleep(0.01)
+    assert RunResult(0, session.events[0]).text == "a b c d e"
+    assert session.events[0][-1].state == FINISH
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# context window
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_prompt_longer_than_the_context_is_an_error(
+    profile: Profile,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    session = sessions(profile, write_model(), max_context_len=64)
+    text = "word " * 40
+    result = session.one(text)
+    prompt = ntok(system_part(DEFAULT_SYSTEM) + user_turn(text))
+    line = f"the length of prompt is greater than max context (prompt: {prompt} tokens, max context: 64)"
+    assert result.rc == -1
+    assert [(e.state, e.text) for e in result.events] == [(ERROR, line.encode())]
+    assert f"E rkllm: {line}" in capfd.readouterr().out.splitlines()
+
+
+def test_full_history_is_shifted_from_n_keep(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v12x", write_model("default_answer = fine\n"), max_context_len=150)
+    system = ntok(system_part(DEFAULT_SYSTEM))
+    turn = ntok(user_turn("tell me more"))
+    sizes = []
+    for _ in range(4):
+        assert session.one("tell me more", keep_history=True).rc == 0
+        sizes.append(session.kv()[0])
+    assert sizes[:3] == [system + turn + 2, system + 2 * (turn + 2), system + 3 * (turn + 2)]
+    assert sizes[2] + turn > 150  # the fourth turn does not fit: history after the system prompt goes
+    assert sizes[3] <= 150
+    shifts = [line for line in capfd.readouterr().out.splitlines() if "context to be full" in line]
+    assert shifts
+    assert f"delete the kv cache in [{system}, " in shifts[0]
+
+
+def test_context_that_cannot_make_room_is_an_error(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v130", write_model("default_answer = fine\n"), max_context_len=64, n_keep=40)
+    session.one("short", keep_history=True)
+    result = session.one("word " * 12, keep_history=True)
+    assert result.rc == -1
+    assert result.events[-1].state == ERROR
+    assert "E rkllm: the context is not enough! history_s: " in capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-run options, prompt cache, LoRA, modes
+
+
+def test_v130_run_options(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v130", write_model("default_answer = one two three four five six\n"))
+    capped = session.one("x", max_new_tokens=3)
+    assert capped.text == "one two"  # three tokens: "one", " ", "two"
+    assert capped.finish is not None
+    assert capped.finish.perf is not None
+    assert capped.finish.perf[3] == 3
+    assert set(session.userdata_seen) == {0x5EED}  # NULL run userdata falls back to result_userdata
+    session.userdata_seen.clear()
+    session.one("x", userdata=0xABC)
+    assert set(session.userdata_seen) == {0xABC}
+    bad = SamplingParam(top_k=1, top_p=1.5, temperature=0.8, repeat_penalty=1.1)
+    result = session.one("x", sampling_params=ctypes.pointer(bad))
+    assert result.rc == -1
+    assert result.events == []
+    assert "E rkllm: rkllm_run: invalid sampling_params: top_p must be in [0, 1], got 1.5" in capfd.readouterr().out
+    good = SamplingParam(top_k=1, top_p=0.9, temperature=0.8, repeat_penalty=1.1)
+    assert session.one("x", sampling_params=ctypes.pointer(good)).text == "one two three four five six"
+
+
+def test_v12x_uses_the_init_max_new_tokens(write_model: Callable[..., Path], sessions: Callable[..., Session]) -> None:
+    session = sessions("v12x", write_model("default_answer = one two six ten\n"), max_new_tokens=5)
+    assert session.one("x").text == "one two six"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_prompt_cache_round_trip(
+    profile: Profile,
+    tmp_path: Path,
+    write_model: Callable[..., Path],
+    sessions: Callable[..., Session],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    model = write_model()
+    cache = tmp_path / "system.cache"
+    first = sessions(profile, model)
+    params = PromptCacheParam(save_prompt_cache=1, prompt_cache_path=str(cache).encode())
+    assert first.one("question one", prompt_cache_params=ctypes.pointer(params)).rc == 0
+    assert cache.stat().st_size == 12 + 4 * ntok(system_part(DEFAULT_SYSTEM) + user_turn("question one"))
+
+    second = sessions(profile, model)
+    assert second.lib.rkllm_load_prompt_cache(second.handle, str(tmp_path / "missing").encode()) == -1
+    assert second.lib.rkllm_load_prompt_cache(second.handle, str(cache).encode()) == 0
+    shared = ntok(system_part(DEFAULT_SYSTEM) + "<|im_start|>user\nquestion ")
+    total = ntok(system_part(DEFAULT_SYSTEM) + user_turn("question two"))
+    assert second.one("question two").prefill_tokens == total - shared
+    out = capfd.readouterr().out.splitlines()
+    assert f"E rkllm: prompt cache file '{tmp_path / 'missing'}' does not exist" in out
+    assert f"I rkllm: kv cache matches {shared} / {total} tokens of prompt" in out
+
+
+def test_lora_adapters_must_exist_and_be_loaded(
+    tmp_path: Path, write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("v12x", write_model())
+    adapter_file = tmp_path / "adapter.rkllm"
+    missing = LoraAdapter(str(tmp_path / "none").encode(), b"style", 1.0)
+    assert session.lib.rkllm_load_lora(session.handle, ctypes.byref(missing)) == -1
+    adapter_file.write_bytes(b"lora")
+    present = LoraAdapter(str(adapter_file).encode(), b"style", 1.0)
+    assert session.lib.rkllm_load_lora(session.handle, ctypes.byref(present)) == 0
+    unknown = session.one("x", lora_params=ctypes.pointer(LoraParam(b"other")))
+    assert (unknown.rc, unknown.events) == (-1, [])
+    assert session.one("x", lora_params=ctypes.pointer(LoraParam(b"style"))).rc == 0
+
+
+def test_hidden_layer_mode_returns_the_turn_embeddings(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("v130", write_model("hidden_size = 64\n"))
+    result = session.one("embed me", mode=1)
+    assert result.rc == 0
+    assert [(e.state, e.hidden) for e in result.events] == [(NORMAL, (64, ntok(user_turn("embed me")))), (FINISH, None)]
+
+
+def test_bad_inputs_fail_without_callbacks(
+    write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
+) -> None:
+    session = sessions("v12x", write_model())
+    assert session.one("x", role="system").events == []
+    assert session.one(None).rc == -1
+    out = capfd.readouterr().out.splitlines()
+    assert 'E rkllm: rkllm_run: unsupported role \'system\' (expected "user" or "tool")' in out
+    assert "E rkllm: rkllm_run: prompt_input is NULL" in out
+
+
+def test_batch_elements_run_side_by_side(write_model: Callable[..., Path], sessions: Callable[..., Session]) -> None:
+    session = sessions("v130", write_model('answer user "a" = one two six\ndefault_answer = x\n'), n_batch=2)
+    first, second = session.run(["a", "b"], keep_history=True)  # type: ignore[misc]
+    assert (first.text, second.text) == ("one two six", "x")
+    assert [e.token_id for e in second.events if e.state == NORMAL][1:] == [-1] * 4  # finished after one token
+    assert session.kv() == [
+        ntok(system_part(DEFAULT_SYSTEM) + user_turn("a")) + 6,
+        ntok(system_part(DEFAULT_SYSTEM) + user_turn("b")) + 2,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing and resources
+
+
+def test_timing_follows_the_calibration(write_model: Callable[..., Path], sessions: Callable[..., Session]) -> None:
+    # qwen2.5-1.5b-rk3588: 338 tok/s prefill, 16.69 tok/s decode; speed 10 keeps the test short.
+    answer = " ".join(["go"] * 20)  # 39 tokens
+    session = sessions(
+        "v12x", write_model(f"calibration = qwen2.5-1.5b-rk3588\nspeed = 10\ndefault_answer = {answer}\n")
+    )
+    text = "word " * 150
+    started = time.monotonic()
+    result = session.one(text)
+    elapsed = time.monotonic() - started
+    assert result.finish is not None
+    assert result.finish.perf is not None
+    prefill_ms, prefill_tokens, generate_ms, generate_tokens, memory = result.finish.perf
+    assert generate_tokens == 39
+    assert memory == 1689
+    assert 338 * 10 * 0.8 <= prefill_tokens / (prefill_ms / 1000) <= 338 * 10 * 1.01
+    assert 16.69 * 10 * 0.8 <= generate_tokens / (generate_ms / 1000) <= 16.69 * 10 * 1.01
+    assert elapsed >= (prefill_tokens / 3380 + generate_tokens / 166.9) * 0.99
+
+
+def test_memory_is_stable_over_many_runs(write_model: Callable[..., Path], sessions: Callable[..., Session]) -> None:
+    session = sessions("v130", write_model(ASSIST_RULES))
+    session.set_tools("You control a home.", TOOLS)
+
+    def resident_kb() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+    for _ in range(100):
+        session.one("turn on the kitchen light", keep_history=False)
+    before = resident_kb()
+    for _ in range(500):
+        session.one("turn on the kitchen light", keep_history=False)
+    assert resident_kb() - before < 512
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# faults (in a child process: they crash or hang on purpose)
+
+FAULT_SCRIPT = """
+import sys, threading, time
+from pathlib import Path
+from tests.native.test_emulator_behaviour import Session
+session = Session(sys.argv[1], Path(sys.argv[2]))
+assert session.init_rc == 0
+if sys.argv[3] == "hang":
+    worker = threading.Thread(target=session.one, args=("x",), daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    session.lib.rkllm_abort(session.handle)
+    time.sleep(0.5)
+    print("running", session.lib.rkllm_is_running(session.handle), "alive", worker.is_alive(), flush=True)
+    import os
+    os._exit(0)
+result = session.one("x")
+print("rc", result.rc, "states", [e.state for e in result.events], flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("fault", "mode", "expected_output", "expected_code"),
+    [
+        ("crash_after_tokens:2", "run", "", -signal.SIGSEGV),
+        ("hang_after_tokens:2", "hang", "running 1 alive True", 0),
+        ("error_after_tokens:2", "run", "rc -1 states [0, 0, 3]", 0),
+    ],
+)
+def test_faults(
+    fault: str, mode: str, expected_output: str, expected_code: int, write_model: Callable[..., Path]
+) -> None:
+    model = write_model(f"fault = {fault}\ndefault_answer = a b c d\n")
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.run(
+        [sys.executable, "-c", FAULT_SCRIPT, "v130", str(model), mode],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=False,
+    )
+    assert child.returncode == expected_code, child.stderr
+    lines = [line for line in child.stdout.splitlines() if not line.startswith(("I rkllm", "E rkllm"))]
+    assert lines == ([expected_output] if expected_output else [])
+    if fault.startswith("error"):
+        assert "E rkllm: emulated fault: runtime error after 2 generated tokens" in child.stdout
