@@ -1,0 +1,699 @@
+"""The engine facade: requests in, events out, one NPU slot, one worker.
+
+The Home Assistant glue and the OpenAI views talk to `Engine` only (docs/CONTRACT.md). It joins
+the scheduler (who runs next), the prompt planner (what to send so the static prefix stays
+resident in the KV cache), the worker client (the runtime in its own process) and the output
+parser (text pieces → text, reasoning and tool-call events).
+
+Decisions made here, documented once:
+- Usage: `prompt_tokens` = tokens prefilled by this run + tokens reused from the KV cache
+  (the KV length just before a `keep_history` run; 0 for `keep_history=0` runs, whose reuse the
+  runtime only logs). `cached_tokens` = the reused part. `completion_tokens` = the runtime's
+  generated-token count, or the pieces we received when an aborted run reported no perf.
+- TTFT is measured from the moment the request got the NPU slot to its first visible event
+  (text, reasoning or a tool call), so queueing time is not counted.
+- `max_new_tokens`: on the v130 ABI it is passed per run; on v1.2.x the runtime only knows the
+  init value, so a smaller per-request budget is enforced here by aborting after that many
+  pieces. Reaching the budget gives `finish_reason="length"` (a call cut off there is never
+  emitted: the parser only emits complete calls).
+- `finish_reason`: "tool_calls" when calls were emitted, except "stop" for a named
+  `tool_choice` (OpenAI parity, openai-api.md §2.4); "stop" for a matched stop string or a
+  natural end; "length" when the token budget ended the run.
+- After any run that did not end naturally (stop string, budget abort, cancel, error, crash)
+  the planner is invalidated: the KV cache then holds a partial turn, so the next request
+  rebuilds its prefix (rkllm-runtime.md §4.3, "after an abort with keep_history=1").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from .client import InitSpec, RunFinished, RunStream, WorkerClient, WorkerLocation, WorkerState
+from .output import OutputParser, ParseResult
+from .prompting import ClearKV, PromptPlan, PromptPlanner, SetChatTemplate, SetFunctionTools, template_family
+from .scheduler import Scheduler, Ticket
+from .types import (
+    ChatRequest,
+    CompletionRequest,
+    EngineError,
+    EngineMetrics,
+    EngineState,
+    EngineUnavailableError,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationError,
+    Perf,
+    Sampling,
+    TextDelta,
+    Usage,
+)
+
+__all__ = ["Engine", "EngineConfig", "Generation", "WorkerLocation", "default_cpu_mask", "runtime_params"]
+
+_LOGGER = logging.getLogger(__name__)
+
+# Init-time sampling defaults of Rockchip's official servers (rkllm-runtime.md §4.5): top_k=1 is
+# effectively greedy, which keeps small models' tool calls stable.
+DEFAULT_TOP_K: Final = 1
+DEFAULT_TOP_P: Final = 0.9
+DEFAULT_TEMPERATURE: Final = 0.8
+DEFAULT_REPEAT_PENALTY: Final = 1.1
+DEFAULT_MIROSTAT_TAU: Final = 5.0
+DEFAULT_MIROSTAT_ETA: Final = 0.1
+INIT_SAMPLING: Final[dict[str, float | int]] = {
+    "top_k": DEFAULT_TOP_K,
+    "top_p": DEFAULT_TOP_P,
+    "temperature": DEFAULT_TEMPERATURE,
+    "repeat_penalty": DEFAULT_REPEAT_PENALTY,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+# Platforms with big.LITTLE clusters whose big cores are CPU4-CPU7 (rkllm-runtime.md §4.5).
+BIG_CORE_PLATFORMS: Final = frozenset({"RK3588", "RK3576"})
+MAX_CPU_CORES: Final = 8
+TOOL_RESPONSE_TAG: Final = "tool_response"
+STOPPED_MESSAGE: Final = "the engine was stopped"
+WORKER_READY_TIMEOUT_S: Final = 120.0
+
+
+@dataclass
+class EngineConfig:
+    """Everything needed to start one runtime + model (one config entry in Home Assistant)."""
+
+    library_path: str
+    model_path: str
+    profile: str | None = None  # None = detect from the library file
+    context_length: int = 4096
+    max_new_tokens: int = 512
+    cpu_cores: int = 4
+    cpu_mask: int | None = None  # None = default_cpu_mask(cpu_cores, platform)
+    npu_domain_id: int = 0
+    platform: str | None = None  # e.g. "RK3588"; None = read the local device tree (local worker only)
+    worker: WorkerLocation = field(default_factory=WorkerLocation)
+    queue_size: int = 8
+    abort_grace_s: float = 5.0
+    restart_backoff_s: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30)
+    env: dict[str, str] = field(default_factory=dict)  # extra env for a local worker (e.g. RKLLM_EMULATOR_SPEED)
+
+    def __post_init__(self) -> None:
+        """Reject settings the runtime would refuse later with a less specific message."""
+        if not 1 <= self.cpu_cores <= MAX_CPU_CORES:
+            raise ValueError(f"cpu_cores must be between 1 and {MAX_CPU_CORES}, got {self.cpu_cores}")
+        if self.cpu_mask is not None and self.cpu_mask.bit_count() != self.cpu_cores:
+            raise ValueError(
+                f"cpu_mask {self.cpu_mask:#x} enables {self.cpu_mask.bit_count()} CPUs but cpu_cores is "
+                f"{self.cpu_cores}; they must match"
+            )
+        if self.context_length <= 0:
+            raise ValueError(f"context_length must be positive, got {self.context_length}")
+        if not 0 < self.max_new_tokens < self.context_length:
+            raise ValueError(
+                f"max_new_tokens must be between 1 and context_length-1 ({self.context_length - 1}), "
+                f"got {self.max_new_tokens}"
+            )
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+
+
+def local_platform() -> str | None:
+    """The SoC of this machine from the device tree (e.g. "RK3588"), or None when unknown."""
+    try:
+        with open("/proc/device-tree/compatible", "rb") as compatible:
+            entries = compatible.read().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        vendor, _, chip = entry.decode("ascii", "replace").partition(",")
+        if vendor == "rockchip" and chip.startswith("rk") and chip[2:6].isdigit():
+            return chip[:6].upper()
+    return None
+
+
+def default_cpu_mask(cpu_cores: int, platform: str | None) -> int:
+    """CPU mask for `enabled_cpus_mask`: the big cores CPU4… first on RK3588/RK3576, else CPU0… first.
+
+    The official demos use CPU4-CPU7 on RK3588/RK3576 and CPU0-CPU3 elsewhere (rkllm-runtime.md §4.5);
+    asking for more cores than the big cluster has on those chips takes all cores from CPU0.
+    """
+    if platform is not None and platform.upper() in BIG_CORE_PLATFORMS and cpu_cores <= 4:
+        return ((1 << cpu_cores) - 1) << 4
+    return (1 << cpu_cores) - 1
+
+
+def runtime_params(config: EngineConfig, platform: str | None) -> dict[str, Any]:
+    """The init-time `RKLLMParam` values for the worker (field names of the binding's RuntimeParams)."""
+    mask = config.cpu_mask if config.cpu_mask is not None else default_cpu_mask(config.cpu_cores, platform)
+    return {
+        "max_context_len": config.context_length,
+        "max_new_tokens": config.max_new_tokens,
+        **INIT_SAMPLING,
+        "mirostat": 0,
+        "mirostat_tau": DEFAULT_MIROSTAT_TAU,
+        "mirostat_eta": DEFAULT_MIROSTAT_ETA,
+        "n_keep": -1,  # runtime default: keep the system prompt when the window shifts (§4.5)
+        "skip_special_token": True,
+        "ignore_eos_token": False,
+        "base_domain_id": config.npu_domain_id,
+        "embed_flash": True,  # the official demos keep the embedding table in flash to save RAM (§4.5)
+        "enabled_cpus_num": config.cpu_cores,
+        "enabled_cpus_mask": mask,
+        "n_batch": 1,
+        "use_cross_attn": False,
+    }
+
+
+def _sampling_dict(sampling: Sampling) -> dict[str, float | int] | None:
+    """Per-run sampling for the v130 ABI, or None when the request sets nothing.
+
+    `RKLLMSamplingParam` replaces every sampling value for the run, so fields the request leaves
+    as None are filled with our init values (never the header's defaults).
+    """
+    overrides = {name: value for name, value in dataclasses.asdict(sampling).items() if value is not None}
+    return {**INIT_SAMPLING, **overrides} if overrides else None
+
+
+def _tool_names(tools_json: str) -> tuple[str, ...]:
+    """Names of the tools in an OpenAI tools JSON array (for the `tools_loaded` metric)."""
+    try:
+        tools = json.loads(tools_json)
+    except ValueError:
+        return ()
+    names: list[str] = []
+    if isinstance(tools, list):
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str):
+                names.append(name)
+    return tuple(names)
+
+
+@dataclass(frozen=True, slots=True)
+class _RunAccount:
+    """What the engine counted during a run, for the Finished event."""
+
+    pieces: int
+    cached_tokens: int
+    runtime_budget: int
+    budget_hit: bool
+    ttft_s: float | None
+
+
+class _End:
+    """Sentinel: the generation ended without a Finished event (it was cancelled)."""
+
+
+_END: Final = _End()
+_Item = list[Event] | BaseException | _End
+
+
+class Generation:
+    """One submitted request: an async iterator of events and an async context manager.
+
+    The request waits in the queue, then streams; iteration ends after `Finished`. Leaving the
+    context early (or cancelling the task that iterates) cancels it: a queued request leaves the
+    queue, a running one is aborted and the slot is freed once the run has really ended.
+    After `cancel()` iteration simply stops (no `Finished`).
+    """
+
+    def __init__(self, ticket: Ticket, task: asyncio.Task[None], items: asyncio.Queue[_Item]) -> None:
+        """Wrap the serving task created by `Engine.submit` and the queue it fills."""
+        self._ticket = ticket
+        self._task = task
+        self._items = items
+        self._pending: collections.deque[Event] = collections.deque()
+        self._done = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.cancel()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._pending:
+            return self._pending.popleft()
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._items.get()
+        except asyncio.CancelledError:
+            await self._cancel_and_wait()
+            raise
+        if isinstance(item, list):
+            self._pending.extend(item)
+            event = self._pending.popleft()
+            if isinstance(event, Finished):
+                self._done = True
+            return event
+        self._done = True
+        if isinstance(item, BaseException):
+            raise item
+        raise StopAsyncIteration
+
+    async def cancel(self) -> None:
+        """Stop this request: dequeue it, or abort its run and wait until the run has ended."""
+        await self._cancel_and_wait()
+        self._done = True
+        self._pending.clear()
+
+    async def collect(self) -> tuple[str, Finished]:
+        """Consume the whole generation: the visible text and the `Finished` event."""
+        parts: list[str] = []
+        async for event in self:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                return "".join(parts), event
+        raise GenerationError("the generation was cancelled before it finished")
+
+    async def _cancel_and_wait(self) -> None:
+        if self._task.done():
+            return
+        self._ticket.cancel()
+        # Shielded: a second cancellation of the caller stops the waiting, not the clean-up, which
+        # then finishes in the background (bounded by the worker's abort watchdog).
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(self._task)
+
+
+class Engine:
+    """The LLM on the NPU as an asyncio service (see module docstring for the decisions)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        """Prepare the engine; nothing is spawned before `start()`."""
+        self.config = config
+        self._scheduler = Scheduler(queue_size=config.queue_size, context_length=config.context_length)
+        self._client: WorkerClient | None = None
+        self._planner: PromptPlanner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._stopping = False
+        self._pending_log: list[str] = []
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        """A snapshot of the live figures (never blocks)."""
+        return self._scheduler.metrics
+
+    def add_listener(self, cb: Callable[[EngineMetrics], None]) -> Callable[[], None]:
+        """Call `cb(metrics)` on every state/metric change; returns the unsubscribe function."""
+        return self._scheduler.add_listener(cb)
+
+    def recent_log(self) -> list[str]:
+        """The runtime's last log lines (I/W/E rkllm: …) for diagnostics and repairs."""
+        return list(self._client.recent_log) if self._client is not None else []
+
+    async def start(self) -> None:
+        """Spawn (or connect to) the worker and load the model; raises `EngineError` subclasses."""
+        if self._started:
+            return
+        config = self.config
+        self._stopping = False
+        self._scheduler.set_base_state(EngineState.LOADING)
+        platform = config.platform or (local_platform() if config.worker.host is None else None)
+        spec = InitSpec(
+            library_path=config.library_path,
+            model_path=config.model_path,
+            profile=config.profile,
+            params=runtime_params(config, platform),
+        )
+        client = WorkerClient(
+            config.worker,
+            env=config.env,
+            on_state=self._on_worker_state,
+            restart_backoff_s=config.restart_backoff_s,
+            abort_grace_s=config.abort_grace_s,
+        )
+        self._client = client
+        try:
+            info = await client.start(spec)
+        except BaseException as err:
+            self._scheduler.set_base_state(EngineState.ERROR, last_error=str(err))
+            with contextlib.suppress(Exception):
+                await client.stop()
+            self._client = None
+            raise
+        self._planner = PromptPlanner(
+            template_family=template_family(config.model_path),
+            context_length=config.context_length,
+            default_max_new_tokens=config.max_new_tokens,
+        )
+        self._scheduler.update_metrics(
+            dataclasses.replace(
+                self._scheduler.metrics,
+                runtime_version=info.version,
+                abi_profile=info.profile,
+                driver_version=info.driver_version,
+                platform=info.platform or platform,
+                restarts=client.restarts,
+                last_error=None,
+                tools_loaded=(),
+            )
+        )
+        self._started = True
+        self._scheduler.set_base_state(EngineState.IDLE)
+        self._scheduler.open()
+
+    async def stop(self) -> None:
+        """Fail queued requests, abort the running one, shut the worker down; leave nothing behind."""
+        self._stopping = True
+        self._scheduler.close(EngineUnavailableError(STOPPED_MESSAGE))
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+        self._started = False
+        self._scheduler.set_base_state(EngineState.STOPPED)
+
+    def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
+        """Admit a request now (or raise `QueueFullError`/`EngineUnavailableError`/`InvalidRequestError`)."""
+        if self._planner is None or not self._started:
+            raise EngineUnavailableError("the engine is not started (the model is not loaded)")
+        # Validate now, so an HTTP view can answer 400 before any byte; plan again when the slot is
+        # granted, because the resident KV state may change while this request waits.
+        self._planner.plan(request)
+        ticket = self._scheduler.admit(request.priority)
+        items: asyncio.Queue[_Item] = asyncio.Queue()
+        task = asyncio.get_running_loop().create_task(
+            self._serve(request, ticket, items.put_nowait), name="rkllm-generation"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Generation(ticket, task, items)
+
+    # -- worker supervision ------------------------------------------------------------------
+
+    def _on_worker_state(self, state: WorkerState) -> None:
+        """Follow the worker: hold the queue while it restarts, close it when it failed for good."""
+        client = self._client
+        restarts = client.restarts if client is not None else self._scheduler.metrics.restarts
+        if state is WorkerState.RESTARTING:
+            if self._planner is not None:
+                self._planner.invalidate()
+            self._scheduler.hold()
+            self._scheduler.update_metrics(
+                dataclasses.replace(self._scheduler.metrics, restarts=restarts, tools_loaded=(), kv_cache_tokens=None)
+            )
+            if self._started:
+                self._scheduler.set_base_state(EngineState.LOADING)
+        elif state is WorkerState.READY and self._started and not self._stopping:
+            self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, restarts=restarts))
+            self._scheduler.set_base_state(EngineState.IDLE)
+            self._scheduler.resume()
+        elif state is WorkerState.FAILED and not self._stopping:
+            reason = self._last_problem() or "the rkllm worker keeps failing"
+            self._scheduler.close(EngineUnavailableError(f"the rkllm worker failed and was given up: {reason}"))
+            self._scheduler.set_base_state(EngineState.ERROR, last_error=reason)
+
+    def _last_problem(self) -> str | None:
+        if self._client is None:
+            return None
+        for line in reversed(self._client.recent_log):
+            if line.startswith(("E ", "W ")) or "crash" in line:
+                return line
+        return None
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _serve(
+        self, request: ChatRequest | CompletionRequest, ticket: Ticket, emit: Callable[[_Item], None]
+    ) -> None:
+        """Wait for the slot, run the request, and hand every event (or the error) to `emit`."""
+        try:
+            await ticket.wait_for_slot()
+        except asyncio.CancelledError:
+            emit(_END)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return  # the ticket was cancelled while queued: it already left the queue
+        except EngineError as err:
+            emit(err)
+            return
+        try:
+            finished = await self._execute(request, ticket, emit)
+        except asyncio.CancelledError:
+            emit(_END)
+            raise
+        except EngineError as err:
+            emit(EngineUnavailableError(STOPPED_MESSAGE) if self._stopping else err)
+        except Exception as err:
+            _LOGGER.exception("generation failed unexpectedly")
+            emit(GenerationError(f"the generation failed: {type(err).__name__}: {err}"))
+        else:
+            if not finished:
+                emit(EngineUnavailableError(STOPPED_MESSAGE) if self._stopping else _END)
+        finally:
+            ticket.release()
+
+    async def _execute(
+        self, request: ChatRequest | CompletionRequest, ticket: Ticket, emit: Callable[[_Item], None]
+    ) -> bool:
+        """Run one request holding the slot; False when it was cancelled before it finished."""
+        client, planner = self._client, self._planner
+        if client is None or planner is None:
+            raise EngineUnavailableError(STOPPED_MESSAGE)
+        granted_at = ticket.granted_at or time.monotonic()
+        if client.state is not WorkerState.READY:
+            # The slot was granted while the worker restarts: wait for it (a failed worker raises).
+            await client.wait_ready(WORKER_READY_TIMEOUT_S)
+        plan = planner.plan(request)
+        completed = False
+        try:
+            cached_tokens = await self._prepare(client, plan)
+            self._update_tools_loaded(plan, request)
+            if ticket.abort_requested:
+                return False
+            result = await self._generate(client, request, plan, ticket, granted_at, cached_tokens, emit)
+            if result is None:
+                return False
+            parse_result, natural_end = result
+            if natural_end:
+                planner.on_run_finished(plan, parse_result)
+                completed = True
+            return True
+        finally:
+            if not completed:
+                planner.invalidate()
+
+    async def _prepare(self, client: WorkerClient, plan: PromptPlan) -> int:
+        """Apply the plan's prep ops; return the tokens the run will reuse from the KV cache."""
+        for op in plan.prep:
+            if isinstance(op, SetFunctionTools):
+                await client.call(
+                    "set_function_tools",
+                    system_prompt=op.system_prompt,
+                    tools_json=op.tools_json,
+                    tool_response_str=TOOL_RESPONSE_TAG,
+                )
+            elif isinstance(op, SetChatTemplate):
+                await client.call(
+                    "set_chat_template",
+                    system_prompt=op.system_prompt,
+                    prompt_prefix=op.prefix,
+                    prompt_postfix=op.postfix,
+                )
+            elif isinstance(op, ClearKV):
+                await client.call("clear_kv_cache", keep_system_prompt=op.keep_system_prompt)
+        if not plan.turn.keep_history:
+            return 0
+        return await self._kv_size(client) or 0
+
+    async def _kv_size(self, client: WorkerClient) -> int | None:
+        reply = await client.call("get_kv_cache_size")
+        sizes = reply.get("sizes")
+        if isinstance(sizes, list) and sizes and isinstance(sizes[0], int):
+            return sizes[0]
+        return None
+
+    async def _generate(
+        self,
+        client: WorkerClient,
+        request: ChatRequest | CompletionRequest,
+        plan: PromptPlan,
+        ticket: Ticket,
+        granted_at: float,
+        cached_tokens: int,
+        emit: Callable[[_Item], None],
+    ) -> tuple[ParseResult, bool] | None:
+        """Stream one run through the parser and emit its events; returns (parse result, ended naturally)."""
+        per_run = client.info is not None and client.info.profile == "v130"
+        budget = request.max_new_tokens or self.config.max_new_tokens
+        budget = max(1, min(budget, self.config.context_length - 1))
+        enforce_budget = not per_run and budget < self.config.max_new_tokens
+        runtime_budget = budget if per_run else self.config.max_new_tokens
+        sampling = _sampling_dict(request.sampling) if per_run else None
+        if not per_run and request.sampling != Sampling():
+            _LOGGER.debug("per-request sampling ignored: the v1.2.x runtime only has init-time sampling")
+        stream: RunStream = client.run(
+            plan.turn.role,
+            plan.turn.text,
+            keep_history=plan.turn.keep_history,
+            enable_thinking=plan.turn.enable_thinking,
+            sampling=sampling,
+            max_new_tokens=budget if per_run and request.max_new_tokens else 0,
+        )
+        abort_task: asyncio.Task[None] | None = None
+
+        def abort_run() -> None:
+            nonlocal abort_task
+            if abort_task is None:
+                abort_task = asyncio.get_running_loop().create_task(stream.abort(), name="rkllm-abort")
+
+        ticket.set_abort(abort_run)
+        single_call = isinstance(request, ChatRequest) and not request.parallel_tool_calls
+        parser = OutputParser(
+            tools_enabled=plan.tools_enabled,
+            stop=request.stop,
+            prefill=plan.prefill,
+            max_tool_calls=1 if single_call else None,
+        )
+        first_event_at: float | None = None
+        pieces = 0
+        budget_hit = stopping = False
+        try:
+            async for piece in stream:
+                if stopping:
+                    continue  # the abort is on its way; these tokens belong to nobody
+                pieces += 1
+                events = parser.feed(piece.text)
+                if events:
+                    if first_event_at is None:
+                        first_event_at = time.monotonic()
+                    emit(events)
+                if parser.stop_matched:
+                    stopping = True
+                    abort_run()
+                elif enforce_budget and pieces >= budget:
+                    stopping = budget_hit = True
+                    abort_run()
+        except asyncio.CancelledError:
+            await self._abort_after_cancel(stream, abort_task)
+            raise
+        finally:
+            if abort_task is not None:
+                with contextlib.suppress(Exception):
+                    await abort_task
+        if ticket.abort_requested and not parser.stop_matched and not budget_hit:
+            return None  # cancelled by the caller (or by stop()): nothing more to report
+        parse_result = parser.finish()
+        if first_event_at is None and parse_result.events:
+            first_event_at = time.monotonic()
+        ttft_s = first_event_at - granted_at if first_event_at is not None else None
+        finished = self._finished_event(
+            request,
+            plan,
+            parse_result,
+            stream.finished,
+            _RunAccount(pieces, cached_tokens, runtime_budget, budget_hit, ttft_s),
+        )
+        self._log_result(request, plan, parse_result)
+        self._scheduler.record_run(ttft_s=ttft_s, perf=finished.perf)
+        # Before Finished: once the caller has it, the slot is released without another await.
+        await self._refresh_kv_metric(client)
+        emit([*parse_result.events, finished])
+        natural_end = stream.finished is not None and not stream.finished.aborted
+        return parse_result, natural_end
+
+    def _finished_event(
+        self,
+        request: ChatRequest | CompletionRequest,
+        plan: PromptPlan,
+        parse_result: ParseResult,
+        run_end: RunFinished | None,
+        account: _RunAccount,
+    ) -> Finished:
+        """The Finished event: finish reason, usage and perf of one run (rules in the module docstring)."""
+        perf = run_end.perf if run_end is not None else Perf()
+        aborted = run_end is None or run_end.aborted
+        length_hit = account.budget_hit or (not aborted and perf.generate_tokens >= account.runtime_budget)
+        completion_tokens = perf.generate_tokens if perf.generate_tokens or not account.pieces else account.pieces
+        prefill_tokens = perf.prefill_tokens
+        if aborted and prefill_tokens == 0:
+            # [Inf] no FINISH (so no perf) after an abort (rkllm-runtime.md §4.3): use the planner's estimate.
+            prefill_tokens = max(0, plan.estimated_prompt_tokens - account.cached_tokens)
+        return Finished(
+            finish_reason=self._finish_reason(request, parse_result, length_hit=length_hit),
+            usage=Usage(
+                prompt_tokens=prefill_tokens + account.cached_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=account.cached_tokens,
+            ),
+            perf=dataclasses.replace(perf, ttft_s=account.ttft_s),
+            tool_calls=parse_result.tool_calls,
+        )
+
+    async def _abort_after_cancel(self, stream: RunStream, abort_task: asyncio.Task[None] | None) -> None:
+        """The serving task itself was cancelled mid-run: abort and wait for the run to end."""
+        try:
+            if abort_task is None:
+                await stream.abort()
+            else:
+                await abort_task
+        except Exception as err:  # noqa: BLE001 - we are unwinding a cancellation; log and go on
+            _LOGGER.warning("abort after cancellation failed: %s", err)
+
+    @staticmethod
+    def _finish_reason(
+        request: ChatRequest | CompletionRequest, result: ParseResult, *, length_hit: bool
+    ) -> FinishReason:
+        if result.tool_calls:
+            named = isinstance(request, ChatRequest) and request.tool_choice not in ("auto", "none", "required")
+            return "stop" if named else "tool_calls"
+        if result.stop_matched:
+            return "stop"
+        if length_hit:
+            return "length"
+        return "stop"
+
+    @staticmethod
+    def _log_result(request: ChatRequest | CompletionRequest, plan: PromptPlan, result: ParseResult) -> None:
+        for raw in result.malformed_calls:
+            _LOGGER.warning("the model wrote a tool call that is not valid JSON; returned as text: %.200s", raw)
+        if not isinstance(request, ChatRequest) or result.tool_calls:
+            return
+        if request.tool_choice not in ("auto", "none") and request.tools:
+            _LOGGER.warning(
+                "tool_choice=%r but the model produced no valid tool call (plan %s); answering with its text",
+                request.tool_choice,
+                plan.mode,
+            )
+
+    async def _refresh_kv_metric(self, client: WorkerClient) -> None:
+        try:
+            kv_tokens = await self._kv_size(client)
+        except EngineError:
+            return
+        self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, kv_cache_tokens=kv_tokens))
+
+    def _update_tools_loaded(self, plan: PromptPlan, request: ChatRequest | CompletionRequest) -> None:
+        """`tools_loaded` = names of the tools in the resident static prefix."""
+        tools: tuple[str, ...] | None = None
+        for op in plan.prep:
+            if isinstance(op, SetFunctionTools):
+                tools = _tool_names(op.tools_json)
+            elif isinstance(op, SetChatTemplate):
+                forced_tools = request.tools if isinstance(request, ChatRequest) and plan.mode == "forced" else []
+                tools = _tool_names(json.dumps(forced_tools))
+        if tools is not None:
+            self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, tools_loaded=tools))
