@@ -1,0 +1,309 @@
+"""The rkllm integration: an LLM on a Rockchip NPU as Assist agent, AI task and OpenAI-compatible API.
+
+A config entry is one runtime + model, served by one `rkllm_engine.Engine` (a worker process owns the native
+runtime). Setup starts the engine and keeps it in `entry.runtime_data`; unload stops it and leaves no process,
+thread or task behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP
+from homeassistant.core import Event, HomeAssistant
+from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
+from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers.typing import ConfigType
+from homeassistant.util import slugify
+
+from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
+from rkllm_engine.types import EngineError, InvalidRequestError
+from rkllm_native import detect
+from rkllm_native.errors import LibraryNotFoundError, NotRkllmLibraryError, RkllmError
+
+from .compat import entry_platforms
+from .config_flow import model_file_problem, remote_error_key
+from .const import (
+    ABI_PROFILE_AUTO,
+    CONF_ABI_PROFILE,
+    CONF_CONTEXT_LENGTH,
+    CONF_CPU_CORES,
+    CONF_LIBRARY_PATH,
+    CONF_MODEL_PATH,
+    CONF_NPU_DOMAIN_ID,
+    CONF_PLATFORM,
+    CONF_WORKER,
+    CONF_WORKER_ENV,
+    CONF_WORKER_HOST,
+    CONF_WORKER_PORT,
+    CONF_WORKER_SECRET,
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_CPU_CORES,
+    DEFAULT_NPU_DOMAIN_ID,
+    DOMAIN,
+    ENGINE_START_TIMEOUT_S,
+    ISSUE_LIBRARY_MISSING,
+    ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_PLATFORM_MISMATCH,
+    LOGGER,
+    WORKER_REMOTE,
+)
+from .data import RkllmConfigEntry, RkllmRuntimeData
+
+CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
+
+# The runtime prints this when a model converted for another SoC is loaded (rkllm-runtime.md §7, Appendix A).
+_PLATFORM_MISMATCH_LOG = "target_platform does not match"
+REMOTE_BUSY_RETRIES = 5
+REMOTE_BUSY_RETRY_DELAY_S = 0.2
+
+
+async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
+    """Set up the integration itself; per-process things (HTTP views) are registered here, once."""
+    from .http import async_register_views
+
+    async_register_views(hass)
+    return True
+
+
+def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
+    """Translate the entry's stored settings into the engine's configuration."""
+    profile = data.get(CONF_ABI_PROFILE, ABI_PROFILE_AUTO)
+    worker = WorkerLocation()
+    if data.get(CONF_WORKER) == WORKER_REMOTE:
+        worker = WorkerLocation(
+            host=data[CONF_WORKER_HOST], port=int(data[CONF_WORKER_PORT]), secret=data[CONF_WORKER_SECRET]
+        )
+    context_length = int(data.get(CONF_CONTEXT_LENGTH, DEFAULT_CONTEXT_LENGTH))
+    platform = str(data.get(CONF_PLATFORM) or "").upper() or None
+    return EngineConfig(
+        library_path=data[CONF_LIBRARY_PATH],
+        model_path=data[CONF_MODEL_PATH],
+        profile=None if profile == ABI_PROFILE_AUTO else profile,
+        context_length=context_length,
+        # The runtime-wide cap (the only one on 1.2.x); each agent asks for its own smaller budget per request.
+        max_new_tokens=max(1, context_length // 2),
+        cpu_cores=int(data.get(CONF_CPU_CORES, DEFAULT_CPU_CORES)),
+        npu_domain_id=int(data.get(CONF_NPU_DOMAIN_ID, DEFAULT_NPU_DOMAIN_ID)),
+        platform=platform,
+        worker=worker,
+        env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
+    )
+
+
+def model_id_for(model_path: str) -> str:
+    """The model id clients see in /v1/models: the slug of the model file's stem."""
+    return slugify(Path(model_path).stem, separator="-") or "rkllm"
+
+
+async def _async_raise_setup_issue(
+    hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
+) -> None:
+    """Raise the repair issue for a permanent setup failure (texts and lifecycle live in repairs.py)."""
+    from .repairs import async_raise_setup_issue
+
+    await async_raise_setup_issue(hass, entry, key, placeholders)
+
+
+async def _async_check_local_files(hass: HomeAssistant, entry: ConfigEntry, config: EngineConfig) -> None:
+    """Refuse permanently broken local setups before a worker is spawned, with a repair issue."""
+    try:
+        await hass.async_add_executor_job(detect.check_library, config.library_path, config.profile)
+    except LibraryNotFoundError as err:
+        await _async_raise_setup_issue(
+            hass, entry, ISSUE_LIBRARY_MISSING, {"path": config.library_path, "error": err.message}
+        )
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_library_missing",
+            translation_placeholders={"error": err.message},
+        ) from err
+    except RkllmError as err:
+        version = getattr(err, "version", None) or ("not librkllmrt" if isinstance(err, NotRkllmLibraryError) else "?")
+        await _async_raise_setup_issue(
+            hass,
+            entry,
+            ISSUE_LIBRARY_UNSUPPORTED,
+            {"path": config.library_path, "version": str(version), "error": err.message},
+        )
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_library_unsupported",
+            translation_placeholders={"error": err.message},
+        ) from err
+    if (problem := await hass.async_add_executor_job(model_file_problem, config.model_path)) is not None:
+        message = f"model file {config.model_path}: {problem[1]}"
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_model_invalid",
+            translation_placeholders={"error": message},
+        )
+
+
+def _is_permanent_start_failure(err: EngineError) -> bool:
+    """Whether retrying cannot help: the runtime itself refused the library or model at init.
+
+    The worker reports an init failure with the runtime's own `E rkllm:` line in the message; spawn, connect and
+    handshake failures carry none and are worth retrying. Running out of NPU memory is transient (another
+    process may free it), so it is retried too (rkllm-runtime.md §8 item 9).
+    """
+    message = str(err)
+    return isinstance(err, InvalidRequestError) or ("E rkllm" in message and "malloc" not in message)
+
+
+async def _async_start_engine_once_busy_clears(engine: Engine) -> None:
+    """Start the engine; a remote worker still releasing our previous connection gets a few short retries.
+
+    A remote worker serves one client at a time and frees its slot just after a client leaves, so a setup right
+    after the config flow's probe (or a reload) can be told "busy" for a moment.
+    """
+    for attempt in range(REMOTE_BUSY_RETRIES + 1):
+        try:
+            await engine.start()
+        except EngineError as err:
+            if attempt == REMOTE_BUSY_RETRIES or remote_error_key(str(err)) != "worker_busy":
+                raise
+            await asyncio.sleep(REMOTE_BUSY_RETRY_DELAY_S)
+        else:
+            return
+
+
+async def _async_start_engine(hass: HomeAssistant, entry: ConfigEntry, engine: Engine) -> None:
+    """Start the engine within a bound; map failures to NotReady (retry later) or Error (+ repair issue)."""
+    try:
+        async with asyncio.timeout(ENGINE_START_TIMEOUT_S):
+            await _async_start_engine_once_busy_clears(engine)
+    except TimeoutError as err:
+        await engine.stop()
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="setup_timeout",
+            translation_placeholders={"seconds": f"{ENGINE_START_TIMEOUT_S:.0f}"},
+        ) from err
+    except (EngineError, RkllmError) as err:
+        log_lines = engine.recent_log()
+        await engine.stop()
+        message = str(err)
+        if any(_PLATFORM_MISMATCH_LOG in line for line in [*log_lines, message]):
+            await _async_raise_setup_issue(
+                hass,
+                entry,
+                ISSUE_MODEL_PLATFORM_MISMATCH,
+                {
+                    "model": entry.data[CONF_MODEL_PATH],
+                    "platform": str(entry.data.get(CONF_PLATFORM)),
+                    "error": message,
+                },
+            )
+            raise ConfigEntryError(
+                translation_domain=DOMAIN,
+                translation_key="setup_model_platform_mismatch",
+                translation_placeholders={"error": message},
+            ) from err
+        if not isinstance(err, EngineError) or _is_permanent_start_failure(err):
+            raise ConfigEntryError(
+                translation_domain=DOMAIN,
+                translation_key="setup_model_invalid",
+                translation_placeholders={"error": message},
+            ) from err
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="setup_worker_failed",
+            translation_placeholders={"error": message},
+        ) from err
+    except BaseException:
+        # Cancelled setup (HA stopping): never leave a worker behind.
+        await engine.stop()
+        raise
+
+
+async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> bool:
+    """Start the engine for this runtime + model and set up the platforms."""
+    try:
+        config = engine_config_from_entry(entry.data)
+    except (KeyError, ValueError) as err:
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_model_invalid",
+            translation_placeholders={"error": str(err)},
+        ) from err
+    if config.worker.host is None:
+        await _async_check_local_files(hass, entry, config)
+    engine = Engine(config)
+    await _async_start_engine(hass, entry, engine)
+
+    metrics = engine.metrics
+    entry.runtime_data = RkllmRuntimeData(
+        engine=engine,
+        model_name=Path(config.model_path).stem,
+        model_id=model_id_for(config.model_path),
+        runtime_version=metrics.runtime_version,
+        abi_profile=metrics.abi_profile,
+    )
+    _engine_data_by_entry(hass)[entry.entry_id] = dict(entry.data)
+
+    from .repairs import async_clear_setup_issues, async_track_issues
+
+    try:
+        await async_clear_setup_issues(hass, entry)
+        await hass.config_entries.async_forward_entry_setups(entry, entry_platforms())
+        entry.async_on_unload(async_track_issues(hass, entry))
+    except BaseException:
+        await engine.stop()
+        raise
+    entry.async_on_unload(entry.add_update_listener(_async_entry_updated))
+
+    async def _async_stop_engine_on_shutdown(_event: Event) -> None:
+        """Home Assistant does not unload entries when it stops; the worker must not outlive it."""
+        await engine.stop()
+
+    entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _async_stop_engine_on_shutdown))
+    LOGGER.debug(
+        "rkllm engine for %s ready (runtime %s, ABI %s, pid %s)",
+        config.model_path,
+        metrics.runtime_version,
+        metrics.abi_profile,
+        os.getpid(),
+    )
+    return True
+
+
+async def async_unload_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> bool:
+    """Unload the platforms, then stop the engine (no worker process, thread or task is left)."""
+    unloaded = await hass.config_entries.async_unload_platforms(entry, entry_platforms())
+    if unloaded:
+        _engine_data_by_entry(hass).pop(entry.entry_id, None)
+        await entry.runtime_data.engine.stop()
+    return unloaded
+
+
+async def async_remove_entry(hass: HomeAssistant, entry: ConfigEntry) -> None:
+    """The entry is gone: its repair issues can no longer be fixed."""
+    from .repairs import async_delete_entry_issues
+
+    async_delete_entry_issues(hass, entry.entry_id)
+
+
+def _engine_data_by_entry(hass: HomeAssistant) -> dict[str, dict[str, Any]]:
+    """The entry data each running engine was started with, to tell engine changes from agent changes."""
+    stored: dict[str, dict[str, Any]] = hass.data.setdefault(f"{DOMAIN}_engine_data", {})
+    return stored
+
+
+async def _async_entry_updated(hass: HomeAssistant, entry: RkllmConfigEntry) -> None:
+    """Apply a change: a runtime/model change restarts the engine; an agent change only reloads the platforms.
+
+    Loading a model takes seconds on a board and drops the resident prompt prefix, so adding or editing a
+    conversation agent (a subentry) must not restart it.
+    """
+    if _engine_data_by_entry(hass).get(entry.entry_id) != dict(entry.data):
+        await hass.config_entries.async_reload(entry.entry_id)
+        return
+    platforms = entry_platforms()
+    if await hass.config_entries.async_unload_platforms(entry, platforms):
+        await hass.config_entries.async_forward_entry_setups(entry, platforms)

@@ -1,0 +1,93 @@
+"""AI Task platform (Home Assistant 2025.7+): generate text or structured data through the same tool loop.
+
+Only forwarded where `Platform.AI_TASK` exists (compat.entry_platforms). A requested structure is described to
+the model as JSON schema in the user turn and the request runs in JSON mode; the answer must decode to a JSON
+object that passes the task's schema, else the task fails with a translated error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+import voluptuous as vol
+from homeassistant.components import ai_task, conversation  # type: ignore[attr-defined, unused-ignore]
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from .const import DOMAIN, LOGGER, SUBENTRY_AI_TASK
+from .data import RkllmConfigEntry
+from .entity import RkllmBaseLLMEntity, structured_output
+
+PARALLEL_UPDATES = 0
+
+_CODE_FENCE: Final = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    config_entry: RkllmConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add one AI task entity per `ai_task_data` subentry."""
+    for subentry in config_entry.subentries.values():
+        if subentry.subentry_type != SUBENTRY_AI_TASK:
+            continue
+        async_add_entities([RkllmTaskEntity(config_entry, subentry)], config_subentry_id=subentry.subentry_id)
+
+
+def decode_json_answer(text: str) -> Any:
+    """The JSON value of an answer; tolerates code fences and text around one object. Raises ValueError."""
+    candidate = text.strip()
+    if fenced := _CODE_FENCE.match(candidate):
+        candidate = fenced.group(1)
+    try:
+        return json.loads(candidate)
+    except ValueError:
+        start, end = candidate.find("{"), candidate.rfind("}")
+        if start == -1 or end <= start:
+            raise
+        return json.loads(candidate[start : end + 1])
+
+
+def validate_structured_answer(text: str, structure: vol.Schema) -> Any:
+    """Decode and validate an answer against the task's structure; HomeAssistantError (translated) if it fails."""
+    try:
+        data = decode_json_answer(text)
+    except ValueError as err:
+        LOGGER.error("AI task answer is not JSON: %s", text)
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="structured_output_invalid",
+            translation_placeholders={"error": f"not JSON ({err})"},
+        ) from err
+    try:
+        return structure(data)
+    except vol.Invalid as err:
+        LOGGER.error("AI task answer does not match the structure: %s", text)
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="structured_output_invalid",
+            translation_placeholders={"error": str(err)},
+        ) from err
+
+
+class RkllmTaskEntity(ai_task.AITaskEntity, RkllmBaseLLMEntity):  # type: ignore[misc, unused-ignore]
+    """Generates data for AI tasks on the NPU."""
+
+    _attr_supported_features = ai_task.AITaskEntityFeature.GENERATE_DATA
+
+    async def _async_generate_data(
+        self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog
+    ) -> ai_task.GenDataTaskResult:
+        """Answer the task's chat log; decode and validate when a structure was requested."""
+        structure = structured_output(task.structure, chat_log) if task.structure else None
+        await self._async_handle_chat_log(chat_log, structure)
+        last = chat_log.content[-1]
+        if not isinstance(last, conversation.AssistantContent):
+            raise HomeAssistantError(translation_domain=DOMAIN, translation_key="no_response")
+        text = last.content or ""
+        data: Any = text if task.structure is None else validate_structured_answer(text, task.structure)
+        return ai_task.GenDataTaskResult(conversation_id=chat_log.conversation_id, data=data)

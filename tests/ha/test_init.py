@@ -1,0 +1,227 @@
+"""Setup, unload and reload of an entry: a real worker process per entry, nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from homeassistant.config_entries import ConfigEntryState, ConfigSubentry
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import device_registry as dr
+from homeassistant.helpers import issue_registry as ir
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+import custom_components.rkllm as rkllm_init
+from custom_components.rkllm.const import (
+    CONF_CONTEXT_LENGTH,
+    CONF_WORKER,
+    CONF_WORKER_HOST,
+    CONF_WORKER_PORT,
+    CONF_WORKER_SECRET,
+    DOMAIN,
+)
+from rkllm_engine.types import EngineState
+from tests.ha.conftest import (
+    ASSIST_MODEL,
+    child_pids,
+    conversation_subentry,
+    entry_data,
+    fake_library,
+    free_tcp_port,
+)
+
+
+async def _setup(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+
+async def test_setup_starts_the_engine_and_unload_stops_it(hass: HomeAssistant, loaded_entry: MockConfigEntry) -> None:
+    runtime = loaded_entry.runtime_data
+    assert runtime.engine.metrics.state is EngineState.IDLE
+    assert runtime.model_name == "qwen2.5-1.5b-ha-test"
+    assert runtime.model_id == "qwen2-5-1-5b-ha-test"
+    assert runtime.runtime_version == "1.2.3"
+    assert runtime.abi_profile == "v12x"
+    assert len(child_pids()) == 1
+
+    (subentry,) = loaded_entry.subentries.values()
+    device = dr.async_get(hass).async_get_device(identifiers={(DOMAIN, subentry.subentry_id)})
+    assert device is not None
+    assert device.name == "Assist on NPU"
+    assert device.entry_type is dr.DeviceEntryType.SERVICE
+    state = hass.states.get("conversation.assist_on_npu")
+    assert state is not None
+    assert state.attributes["supported_features"] == 1  # CONTROL: the Assist API is selected
+
+    assert await hass.config_entries.async_unload(loaded_entry.entry_id)
+    await hass.async_block_till_done()
+    assert loaded_entry.state is ConfigEntryState.NOT_LOADED
+    assert runtime.engine.metrics.state is EngineState.STOPPED
+    assert child_pids() == set()
+
+
+async def test_twenty_reloads_leave_no_process_thread_or_task(
+    hass: HomeAssistant, loaded_entry: MockConfigEntry
+) -> None:
+    """Each reload replaces the worker; after 20 cycles and an unload nothing of ours is left running."""
+    first_worker = child_pids()
+    assert len(first_worker) == 1
+    threads_before = len(threading.enumerate())
+    tasks_before = len(asyncio.all_tasks())
+    seen_workers = set(first_worker)
+    for _ in range(20):
+        assert await hass.config_entries.async_reload(loaded_entry.entry_id)
+        await hass.async_block_till_done()
+        assert loaded_entry.state is ConfigEntryState.LOADED
+        workers = child_pids()
+        assert len(workers) == 1, f"expected exactly one worker, found {workers}"
+        seen_workers |= workers
+    assert len(seen_workers) == 21  # a fresh process each time
+    # asyncio's child watcher threads ("waitpid-N") end with their child; allow one that is still finishing.
+    assert len(threading.enumerate()) <= threads_before + 1
+    assert len(asyncio.all_tasks()) <= tasks_before
+
+    assert await hass.config_entries.async_unload(loaded_entry.entry_id)
+    await hass.async_block_till_done()
+    assert child_pids() == set()
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("waitpid-") and thread.is_alive()]
+    assert not [task for task in asyncio.all_tasks() if "rkllm" in task.get_name()]
+
+
+async def test_adding_an_agent_keeps_the_model_loaded(hass: HomeAssistant, loaded_entry: MockConfigEntry) -> None:
+    """Agent changes reload the platforms only; a data change restarts the engine."""
+    engine = loaded_entry.runtime_data.engine
+    worker = child_pids()
+    second = conversation_subentry("Second agent")
+    hass.config_entries.async_add_subentry(
+        loaded_entry,
+        ConfigSubentry(
+            data=MappingProxyType(second["data"]),
+            subentry_type=second["subentry_type"],
+            title=second["title"],
+            unique_id=None,
+        ),
+    )
+    await hass.async_block_till_done()
+    assert hass.states.get("conversation.second_agent") is not None
+    assert loaded_entry.runtime_data.engine is engine
+    assert child_pids() == worker
+
+    hass.config_entries.async_update_entry(loaded_entry, data={**loaded_entry.data, CONF_CONTEXT_LENGTH: 2048})
+    await hass.async_block_till_done()
+    assert loaded_entry.state is ConfigEntryState.LOADED
+    assert loaded_entry.runtime_data.engine is not engine
+    assert loaded_entry.runtime_data.engine.metrics.context_length == 2048
+    assert child_pids() != worker
+
+
+async def test_home_assistant_stop_stops_the_worker(hass: HomeAssistant, loaded_entry: MockConfigEntry) -> None:
+    """HA does not unload entries when it stops; the worker must still go."""
+    assert len(child_pids()) == 1
+    hass.bus.async_fire(EVENT_HOMEASSISTANT_STOP)
+    await hass.async_block_till_done()
+    assert child_pids() == set()
+    assert loaded_entry.runtime_data.engine.metrics.state is EngineState.STOPPED
+
+
+def _issue(hass: HomeAssistant, key: str, entry: MockConfigEntry) -> ir.IssueEntry | None:
+    return ir.async_get(hass).async_get_issue(DOMAIN, f"{key}_{entry.entry_id}")
+
+
+async def test_missing_library_is_a_setup_error_with_a_repair(
+    hass: HomeAssistant, assist_model: Path, tmp_path: Path
+) -> None:
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(str(tmp_path / "librkllmrt.so"), assist_model))
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.reason is not None
+    assert str(tmp_path / "librkllmrt.so") in entry.reason
+    assert _issue(hass, "library_missing", entry) is not None
+    assert child_pids() == set()
+
+
+async def test_unsupported_library_is_a_setup_error_with_a_repair(
+    hass: HomeAssistant, assist_model: Path, tmp_path: Path
+) -> None:
+    old = fake_library(tmp_path / "librkllmrt.so", b"RKLLM SDK (version: 1.1.4 | target: Linux)")
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(old, assist_model))
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.reason is not None
+    assert "1.1.4" in entry.reason
+    assert _issue(hass, "library_unsupported", entry) is not None
+
+
+async def test_model_for_another_platform_is_a_setup_error_with_a_repair(
+    hass: HomeAssistant, emulator_lib: str, tmp_path: Path
+) -> None:
+    """The runtime refuses a model converted for another SoC; the runtime's own line reaches the user."""
+    model = tmp_path / "rk3576-board.model"
+    model.write_text(ASSIST_MODEL + "host_platform = RK3576\n", encoding="utf-8")
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(emulator_lib, model))
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert _issue(hass, "model_platform_mismatch", entry) is not None
+    assert child_pids() == set()
+
+
+async def test_broken_model_file_is_a_setup_error(hass: HomeAssistant, emulator_lib: str, tmp_path: Path) -> None:
+    model = tmp_path / "broken.model"
+    model.write_text("rkllm-emulator-model 1\nthis line is not a setting\n", encoding="utf-8")
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(emulator_lib, model))
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert child_pids() == set()
+
+
+async def test_setup_issues_clear_after_a_successful_setup(
+    hass: HomeAssistant, emulator_lib: str, assist_model: Path, tmp_path: Path
+) -> None:
+    """Fixing the path and reloading removes the repair issue."""
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(str(tmp_path / "absent.so"), assist_model))
+    await _setup(hass, entry)
+    assert _issue(hass, "library_missing", entry) is not None
+    hass.config_entries.async_update_entry(entry, data=entry_data(emulator_lib, assist_model))
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert _issue(hass, "library_missing", entry) is None
+
+
+@pytest.mark.usefixtures("socket_enabled")
+async def test_unreachable_remote_worker_is_not_ready(
+    hass: HomeAssistant, emulator_lib: str, assist_model: Path
+) -> None:
+    """A worker host that is down may come back: HA retries the setup later."""
+    data = entry_data(
+        emulator_lib,
+        assist_model,
+        **{CONF_WORKER: "remote", CONF_WORKER_HOST: "127.0.0.1", CONF_WORKER_PORT: free_tcp_port()},
+        **{CONF_WORKER_SECRET: "secret"},
+    )
+    entry = MockConfigEntry(domain=DOMAIN, data=data)
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert entry.reason is not None
+    assert "refused the connection" in entry.reason
+
+
+async def test_model_load_longer_than_the_bound_is_not_ready(
+    hass: HomeAssistant, emulator_lib: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that does not finish loading in time is stopped and retried later, never awaited forever."""
+    monkeypatch.setattr(rkllm_init, "ENGINE_START_TIMEOUT_S", 0.5)
+    model = tmp_path / "slow.model"
+    model.write_text(ASSIST_MODEL + "load_time_ms = 20000\n", encoding="utf-8")
+    entry = MockConfigEntry(
+        domain=DOMAIN, data=entry_data(emulator_lib, model, worker_env={"RKLLM_EMULATOR_SPEED": "1"})
+    )
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert child_pids() == set()
