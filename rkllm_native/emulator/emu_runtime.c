@@ -1068,6 +1068,7 @@ static bool emu_prefill(emu_job *job, emu_slot_run *runs, const emu_tokens *syst
     for (int i = 0; i < h->n_batch; i++) {
         emu_slot *slot = &h->slots[i];
         emu_slot_run *run = &runs[i];
+        bool raw = job->inputs[i].type == RKLLM_INPUT_TOKEN || job->inputs[i].type == RKLLM_INPUT_EMBED;
         while (run->prefilled < run->prefill.len) {
             if (emu_abort_effective(h)) return false;
             size_t take = run->prefill.len - run->prefilled < chunk ? run->prefill.len - run->prefilled : chunk;
@@ -1075,11 +1076,11 @@ static bool emu_prefill(emu_job *job, emu_slot_run *runs, const emu_tokens *syst
             emu_sleep_until_ns(deadline);
             emu_tokens_append(&slot->kv, run->prefill.ids + run->prefilled, take);
             run->prefilled += take;
+            /* Once the system prompt is complete it stays resident, even if this run is aborted later. */
+            if (!raw && slot->sys_len < system_tokens->len && emu_starts_with(&slot->kv, system_tokens)) {
+                slot->sys_len = system_tokens->len;
+            }
             emu_publish_kv(h, (size_t)i);
-        }
-        bool raw = job->inputs[i].type == RKLLM_INPUT_TOKEN || job->inputs[i].type == RKLLM_INPUT_EMBED;
-        if (!raw && slot->sys_len < system_tokens->len && emu_starts_with(&slot->kv, system_tokens)) {
-            slot->sys_len = system_tokens->len;
         }
         run->prompt_end = slot->kv.len;
     }
