@@ -7,6 +7,11 @@ thread or task behind.
 
 from __future__ import annotations
 
+# A release zip vendors rkllm_native/rkllm_engine (not on PyPI): put them on sys.path before importing them.
+from . import vendor  # noqa: F401
+
+# isort: split
+
 import asyncio
 import os
 from collections.abc import Mapping
