@@ -384,6 +384,7 @@ class Session:
         inputs = (InputV130 if self.profile == "v130" else InputV12x) * len(texts)
         array = inputs(*(self.make_input(t, role, thinking) for t in texts))
         self.events = [[] for _ in range(self.n_batch)]
+        self.userdata_seen = []
         rc = self.lib.rkllm_run(
             self.handle, ctypes.byref(array), ctypes.byref(self.make_infer(keep_history, **infer)), userdata
         )
@@ -896,7 +897,6 @@ def test_v130_run_options(
     assert capped.finish.perf is not None
     assert capped.finish.perf[3] == 3
     assert set(session.userdata_seen) == {0x5EED}  # NULL run userdata falls back to result_userdata
-    session.userdata_seen.clear()
     session.one("x", userdata=0xABC)
     assert set(session.userdata_seen) == {0xABC}
     bad = SamplingParam(top_k=1, top_p=1.5, temperature=0.8, repeat_penalty=1.1)
