@@ -508,6 +508,7 @@ class AbiProfile:
     versions: tuple[str, ...]
     param_struct: type[RKLLMParamV12x] | type[RKLLMParamV130]
     input_struct: type[RKLLMInputV12x] | type[RKLLMInputV130]
+    input_union: type[RKLLMInputUnionV12x] | type[RKLLMInputUnionV130]  # RKLLMInput's anonymous union
     infer_param_struct: type[RKLLMInferParamV12x] | type[RKLLMInferParamV130]
     multimodal_input_struct: type[RKLLMMultiModalInputV12x] | type[RKLLMMultiModalInputV130]
     sampling_param_struct: type[RKLLMSamplingParam] | None
@@ -549,6 +550,7 @@ V12X: Final = AbiProfile(
     versions=("1.2.1", "1.2.2", "1.2.3"),
     param_struct=RKLLMParamV12x,
     input_struct=RKLLMInputV12x,
+    input_union=RKLLMInputUnionV12x,
     infer_param_struct=RKLLMInferParamV12x,
     multimodal_input_struct=RKLLMMultiModalInputV12x,
     sampling_param_struct=None,
@@ -578,6 +580,7 @@ V130: Final = AbiProfile(
     versions=("1.3.0",),
     param_struct=RKLLMParamV130,
     input_struct=RKLLMInputV130,
+    input_union=RKLLMInputUnionV130,
     infer_param_struct=RKLLMInferParamV130,
     multimodal_input_struct=RKLLMMultiModalInputV130,
     sampling_param_struct=RKLLMSamplingParam,

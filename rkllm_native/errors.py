@@ -137,6 +137,16 @@ class PromptCacheFileError(RkllmError):
         super().__init__(f"prompt cache file {self.path}: {reason}")
 
 
+class LoraAdapterFileError(RkllmError):
+    """A LoRA adapter file to load does not exist or cannot be read."""
+
+    code = "lora_adapter_file"
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"LoRA adapter file {self.path}: {reason}")
+
+
 class InvalidParameterError(RkllmError):
     """A setting is out of range; the message names the setting and the allowed values."""
 
