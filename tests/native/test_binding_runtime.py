@@ -123,6 +123,17 @@ def test_utf8_split_across_tokens_decodes_exactly(
     assert len(sink.texts) < outcome.perf.generate_tokens
 
 
+def test_enable_thinking_reaches_the_runtime(runtime: Runtime, tmp_path: Path) -> None:
+    model = write_model(tmp_path, "thinking = true", "thinking_text = pondering", "default_answer = done")
+    runtime.init(RuntimeParams(model_path=model))
+    thinking = RecordingSink()
+    runtime.run(RunInput(role="user", text="x", enable_thinking=True), RunOptions(), thinking)
+    assert thinking.text == "<think>\npondering\n</think>\n\ndone"
+    plain = RecordingSink()
+    runtime.run(RunInput(role="user", text="x", enable_thinking=False), RunOptions(), plain)
+    assert plain.text == "done"
+
+
 def test_error_state_reaches_the_sink_and_the_outcome(runtime: Runtime, tmp_path: Path) -> None:
     model = write_model(tmp_path, "fault = error_after_tokens:3", "default_answer = one two three four five six")
     runtime.init(RuntimeParams(model_path=model))
