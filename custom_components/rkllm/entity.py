@@ -19,6 +19,7 @@ How the chat log maps onto a request:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections import OrderedDict
@@ -164,28 +165,40 @@ class TurnUsage:
         return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
-class GeneratedCallArguments:
-    """The arguments text of recent tool calls exactly as the model generated them, by call id.
+class SentTranscript:
+    """What the engine saw of recent tool calls and results, by call id, so history is re-sent byte for byte.
 
-    The chat log keeps repaired arguments (empty values dropped); sending those back would make the history
-    differ from what the runtime produced, so the engine could not continue from its resident KV state and
-    would rebuild the whole conversation. Bounded: only the last few turns matter.
+    The chat log keeps repaired call arguments (empty values dropped), and Home Assistant later writes the spoken
+    answer into the intent response a tool result refers to (2025.8+). Re-sending either in its changed form
+    would make the history differ from the runtime's resident KV state, so the engine would rebuild the whole
+    conversation instead of continuing it. Bounded: only the last few turns matter.
     """
 
-    def __init__(self, max_calls: int = 128) -> None:
-        self._max_calls = max_calls
-        self._arguments: OrderedDict[str, str] = OrderedDict()
+    def __init__(self, max_items: int = 256) -> None:
+        self._max_items = max_items
+        self._texts: OrderedDict[tuple[str, str], str] = OrderedDict()
 
-    def remember(self, call_id: str, arguments: str) -> None:
-        """Record one finished call."""
-        self._arguments[call_id] = arguments
-        self._arguments.move_to_end(call_id)
-        while len(self._arguments) > self._max_calls:
-            self._arguments.popitem(last=False)
+    def _put(self, key: tuple[str, str], text: str) -> None:
+        self._texts[key] = text
+        self._texts.move_to_end(key)
+        while len(self._texts) > self._max_items:
+            self._texts.popitem(last=False)
 
-    def get(self, call_id: str) -> str | None:
-        """The generated text, or None for calls this agent did not generate (or forgot)."""
-        return self._arguments.get(call_id)
+    def remember_arguments(self, call_id: str, arguments: str) -> None:
+        """Record the arguments text the model generated for a call."""
+        self._put(("arguments", call_id), arguments)
+
+    def arguments(self, call_id: str) -> str | None:
+        """The generated arguments text, or None for calls this agent did not generate (or forgot)."""
+        return self._texts.get(("arguments", call_id))
+
+    def result_text(self, call_id: str, render: Callable[[], str]) -> str:
+        """The result text first sent for this call (rendered and remembered on first use)."""
+        key = ("result", call_id)
+        if (text := self._texts.get(key)) is None:
+            text = render()
+            self._put(key, text)
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +295,16 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
+def _tool_result_text(item: conversation.ToolResultContent) -> str:
+    data, is_error = tool_result_payload(item)
+    return _json_text(shorten_tool_result(data, is_error))
+
+
 def chat_content_to_messages(
-    content: list[conversation.Content], generated: GeneratedCallArguments | None = None
+    content: list[conversation.Content], sent: SentTranscript | None = None
 ) -> tuple[list[ChatMessage], str | None]:
     """Convert the chat log to engine messages; returns them and the dynamic context split off the system."""
+    sent = sent if sent is not None else SentTranscript()
     messages: list[ChatMessage] = []
     dynamic: str | None = None
     for item in content:
@@ -301,18 +320,17 @@ def chat_content_to_messages(
                 ToolCall(
                     id=call.id,
                     name=call.tool_name,
-                    arguments=(generated.get(call.id) if generated else None) or _json_text(call.tool_args),
+                    arguments=sent.arguments(call.id) or _json_text(call.tool_args),
                 )
                 for call in item.tool_calls or ()
             )
             if item.content or calls:
                 messages.append(ChatMessage(role="assistant", content=item.content, tool_calls=calls))
         elif isinstance(item, conversation.ToolResultContent):
-            data, is_error = tool_result_payload(item)
             messages.append(
                 ChatMessage(
                     role="tool",
-                    content=_json_text(shorten_tool_result(data, is_error)),
+                    content=sent.result_text(item.tool_call_id, functools.partial(_tool_result_text, item)),
                     tool_call_id=item.tool_call_id,
                     name=item.tool_name,
                 )
@@ -483,7 +501,7 @@ async def _engine_deltas(
     *,
     tools_enabled: bool,
     usage: TurnUsage,
-    generated: GeneratedCallArguments,
+    sent: SentTranscript,
 ) -> AsyncIterator[conversation.AssistantContentDeltaDict]:
     """Stream one engine generation as chat-log deltas: role first, then text, thinking and tool calls."""
     try:
@@ -510,7 +528,7 @@ async def _engine_deltas(
                     tool_input = llm.ToolInput(
                         tool_name=name, tool_args=parse_tool_arguments(name, event.arguments), id=call_id
                     )
-                    generated.remember(call_id, event.arguments)
+                    sent.remember_arguments(call_id, event.arguments)
                     delta = assistant_delta(tool_calls=[tool_input])
                 elif isinstance(event, Finished):
                     usage.add(event.usage)
@@ -545,7 +563,7 @@ async def async_run_chat_log(
     settings: AgentSettings,
     structure: StructuredOutput | None = None,
     priority: Priority = Priority.CONVERSATION,
-    generated: GeneratedCallArguments | None = None,
+    sent: SentTranscript | None = None,
 ) -> TurnUsage:
     """Generate the assistant's answer to the chat log, executing tool calls, until nothing is left to answer.
 
@@ -553,7 +571,7 @@ async def async_run_chat_log(
     one last call with `tool_choice="none"` makes the model answer in words.
     """
     usage = TurnUsage()
-    generated = generated if generated is not None else GeneratedCallArguments()
+    sent = sent if sent is not None else SentTranscript()
     if chat_log.llm_api is not None:
         chat_log.llm_api = with_permission_checks(chat_log.llm_api)
     api = chat_log.llm_api
@@ -561,7 +579,7 @@ async def async_run_chat_log(
     tools = [format_tool(tool, serializer) for tool in api.tools] if api is not None else []
     for iteration in range(settings.max_tool_iterations + 1):
         tool_choice: ToolChoice = "auto" if iteration < settings.max_tool_iterations else "none"
-        messages, dynamic_context = chat_content_to_messages(chat_log.content, generated)
+        messages, dynamic_context = chat_content_to_messages(chat_log.content, sent)
         messages = trim_history(messages, settings.max_history)
         if structure is not None:
             messages = _with_instruction(messages, _structured_instruction(structure))
@@ -581,7 +599,7 @@ async def async_run_chat_log(
             request,
             tools_enabled=api is not None and tool_choice != "none",
             usage=usage,
-            generated=generated,
+            sent=sent,
         )
         async for _content in chat_log.async_add_delta_content_stream(agent_id, stream):
             pass
@@ -623,7 +641,7 @@ class RkllmBaseLLMEntity(Entity):
     def __init__(self, entry: RkllmConfigEntry, subentry: ConfigSubentry) -> None:
         self.entry = entry
         self.subentry = subentry
-        self._generated_arguments = GeneratedCallArguments()
+        self._sent_transcript = SentTranscript()
         self._attr_unique_id = subentry.subentry_id
         runtime = entry.runtime_data
         self._attr_device_info = dr.DeviceInfo(
@@ -651,5 +669,5 @@ class RkllmBaseLLMEntity(Entity):
             agent_id=self.entity_id,
             settings=self.settings,
             structure=structure,
-            generated=self._generated_arguments,
+            sent=self._sent_transcript,
         )

@@ -54,7 +54,8 @@ def _call(tool: str, arguments: str) -> str:
 
 
 # A small assist model in the emulator's format (rkllm_native/emulator/MODEL_FORMAT.md): it calls the light
-# tools by their (possibly prefixed) names, answers tool results, and thinks when asked to.
+# tools by their (possibly prefixed) names, answers tool results, and thinks when asked to. User patterns match
+# the end of the input, so a rebuilt history ("Conversation so far: …") only matches its newest message.
 ASSIST_MODEL = "\n".join(
     [
         "rkllm-emulator-model 1",
@@ -63,12 +64,12 @@ ASSIST_MODEL = "\n".join(
         "calibration = qwen2.5-1.5b-rk3588",
         "max_context_limit = 4096",
         "thinking = true",
-        'answer user "*turn on the kitchen light*" = '
+        'answer user "*turn on the kitchen light" = '
         + _call("{{tool:HassTurnOn}}", '{"name": "Kitchen Light", "area": ""}'),
-        'answer user "*turn off the kitchen light*" = ' + _call("{{tool:HassTurnOff}}", '{"name": "Kitchen Light"}'),
-        'answer user "*turn on the bathroom fan*" = ' + _call("{{tool:HassTurnOn}}", '{"name": "Bathroom Fan"}'),
-        'answer user "*keep calling tools*" = ' + _call("{{tool:GetLiveContext}}", "{}"),
-        'answer user "*tool without api*" = ' + _call("HassTurnOn", '{"name": "Kitchen Light"}'),
+        'answer user "*turn off the kitchen light" = ' + _call("{{tool:HassTurnOff}}", '{"name": "Kitchen Light"}'),
+        'answer user "*turn on the bathroom fan" = ' + _call("{{tool:HassTurnOn}}", '{"name": "Bathroom Fan"}'),
+        'answer user "*keep calling tools" = ' + _call("{{tool:GetLiveContext}}", "{}"),
+        'answer user "*tool without api" = ' + _call("HassTurnOn", '{"name": "Kitchen Light"}'),
         'answer user "*give me json*" = {"color": "blue", "count": 3}',
         'answer user "*give me broken json*" = this is not json at all',
         'answer user "*think about it*" = The answer is 42.',
