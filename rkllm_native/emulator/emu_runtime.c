@@ -982,6 +982,12 @@ typedef struct {
     void *userdata;
 } emu_job;
 
+static void emu_free_job(emu_job *job) {
+    emu_inputs_free(job->inputs, job->h->n_batch);
+    job->inputs = NULL;
+    emu_infer_free(&job->infer);
+}
+
 static int emu_callback(emu_job *job, RKLLMResult *results, LLMCallState state) {
     return job->h->callback(results, job->userdata, state);
 }
@@ -1268,7 +1274,7 @@ static void emu_finish_kv(emu_handle *h, bool keep_history, bool paused) {
     }
 }
 
-/* Runs one job with the handle already marked busy; clears busy before returning. */
+/* Runs one job with the handle already marked busy; frees the job's contents and clears busy. */
 static int emu_run_job(emu_job *job) {
     emu_handle *h = job->h;
     uint64_t started = emu_now_ns();
@@ -1382,7 +1388,9 @@ static int emu_run_job(emu_job *job) {
     emu_str_free(&system_text);
     emu_tokens_free(&system_tokens);
     emu_str_free(&error);
+    emu_free_job(job);
     atomic_store(&h->abort_requested, 0);
+    /* Last touch of the handle: once busy is 0, rkllm_destroy on another thread may free it. */
     atomic_store(&h->busy, 0);
     return status;
 }
@@ -1413,11 +1421,6 @@ static int emu_make_job(emu_handle *h, RKLLMInput *inputs, RKLLMInferParam *infe
     return 0;
 }
 
-static void emu_free_job(emu_job *job) {
-    emu_inputs_free(job->inputs, job->h->n_batch);
-    emu_infer_free(&job->infer);
-}
-
 /* Marks the handle busy; one run at a time per handle (§4.3). */
 static bool emu_claim(emu_handle *h) {
     pthread_mutex_lock(&h->lock);
@@ -1438,22 +1441,20 @@ RKLLM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferPar
                         void *userdata) {
     emu_handle *h = handle;
     if (h == NULL) return -1;
+    /* Claim first: while busy, configuration calls are refused, so validation reads a stable handle. */
+    if (!emu_claim(h)) return -1;
     emu_job job;
-    if (emu_make_job(h, rkllm_input, rkllm_infer_params, userdata, &job) != 0) return -1;
-    if (!emu_claim(h)) {
-        emu_free_job(&job);
+    if (emu_make_job(h, rkllm_input, rkllm_infer_params, userdata, &job) != 0) {
+        atomic_store(&h->busy, 0);
         return -1;
     }
     /* Callbacks run on this thread, before rkllm_run returns ([Inf] §4.3, reported by GatekeeperZA). */
-    int status = emu_run_job(&job);
-    emu_free_job(&job);
-    return status;
+    return emu_run_job(&job);
 }
 
 static void *emu_async_main(void *arg) {
     emu_job *job = arg;
     emu_run_job(job);
-    emu_free_job(job);
     free(job);
     return NULL;
 }
@@ -1462,14 +1463,11 @@ RKLLM_API int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMIn
                               void *userdata) {
     emu_handle *h = handle;
     if (h == NULL) return -1;
+    if (!emu_claim(h)) return -1;
     emu_job *job = emu_xmalloc(sizeof(emu_job));
     if (emu_make_job(h, rkllm_input, rkllm_infer_params, userdata, job) != 0) {
         free(job);
-        return -1;
-    }
-    if (!emu_claim(h)) {
-        emu_free_job(job);
-        free(job);
+        atomic_store(&h->busy, 0);
         return -1;
     }
     /* The previous async run has cleared busy, so its thread is exiting: reap it before starting anew. */
