@@ -833,6 +833,30 @@ def test_run_async_returns_at_once_and_delivers_from_its_thread(
     assert session.events[0][-1].state == FINISH
 
 
+def test_handles_are_independent_and_run_in_parallel(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    timing = "speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 50\n"
+    first = sessions("v130", write_model(timing + "default_answer = a b c d e f g h i j\n", name="one.model"))
+    second = sessions("v130", write_model(timing + "default_answer = k l m n o p q r s t\n", name="two.model"))
+    first.set_template("", "", "")  # only the first handle changes its template
+    results: dict[str, RunResult] = {}
+    threads = [
+        threading.Thread(target=lambda s=session, n=name: results.__setitem__(n, s.one("go", keep_history=True)))
+        for name, session in (("first", first), ("second", second))
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert (results["first"].text, results["second"].text) == ("a b c d e f g h i j", "k l m n o p q r s t")
+    assert elapsed < 0.38 * 1.6  # 19 tokens at 50 tok/s each, side by side rather than one after the other
+    assert first.kv() == [ntok("go") + 20]
+    assert second.kv() == [ntok(system_part(DEFAULT_SYSTEM) + user_turn("go")) + 20]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # context window
 
