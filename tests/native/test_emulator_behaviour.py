@@ -6,6 +6,7 @@ so a drift between the specification and the C code fails here.
 """
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -855,6 +856,59 @@ def test_handles_are_independent_and_run_in_parallel(
     assert elapsed < 0.38 * 1.6  # 19 tokens at 50 tok/s each, side by side rather than one after the other
     assert first.kv() == [ntok("go") + 20]
     assert second.kv() == [ntok(system_part(DEFAULT_SYSTEM) + user_turn("go")) + 20]
+
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "rkllm_native" / "emulator" / "models"
+# The engine sends tool results as one compact JSON array of {"name", "content"} (rkllm_engine/prompting.py);
+# the contents are Home Assistant's real results (shared data/assist/tool_results_*.json).
+TURN_ON_CONTENT = {
+    "speech": {},
+    "response_type": "action_done",
+    "data": {
+        "targets": [],
+        "success": [{"name": "Kitchen Light", "type": "entity", "id": "light.kitchen"}],
+        "failed": [],
+    },
+}
+ERROR_CONTENT = {"error": "MatchFailedError", "error_text": "no device named Bathroom Fan"}
+
+
+def tool_results(name: str, content: dict[str, Any]) -> str:
+    return json.dumps([{"name": name, "content": content}], separators=(",", ":"))
+
+
+@pytest.mark.parametrize("prefix", ["", "intent__"])
+@pytest.mark.parametrize(
+    ("model", "done"),
+    [
+        ("qwen2.5-1.5b-assist.model", "Done, the kitchen light is on."),
+        ("qwen3-1.7b-assist.model", "The kitchen light is now on."),
+    ],
+)
+def test_assist_demo_models_drive_a_tool_round_trip(
+    model: str, done: str, prefix: str, sessions: Callable[..., Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_EMULATOR_SPEED", "0")
+    session = sessions("v12x", MODELS_DIR / model)
+    names = [prefix + name for name in ("HassTurnOn", "HassTurnOff")] + ["homeassistant__GetLiveContext"]
+    tools = [{"type": "function", "function": {"name": name, "parameters": {}}} for name in names]
+    assert session.set_tools("You control a home.", json.dumps(tools)) == 0
+    call = session.one("Turn on the kitchen light", keep_history=True).text
+    assert call.startswith('<tool_call>\n{"name": "' + prefix + 'HassTurnOn", "arguments": {"name": "Kitchen Light"')
+    assert call.endswith("}\n</tool_call>")
+    assert session.one(tool_results(names[0], TURN_ON_CONTENT), "tool", keep_history=True).text == done
+    live = session.one("What is the temperature outside?", keep_history=True).text
+    assert '"name": "homeassistant__GetLiveContext", "arguments": {}' in live
+    assert session.one(tool_results(names[0], ERROR_CONTENT), "tool", keep_history=True).text.startswith("Sorry")
+
+
+def test_chat_demo_model_answers_without_tools(
+    sessions: Callable[..., Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_EMULATOR_SPEED", "0")
+    session = sessions("v130", MODELS_DIR / "qwen2-0.5b-chat.model")
+    assert session.one("tell me a joke").text == "Why did the NPU cross the road? To prefill the other side."
+    assert session.one("anything else").text == "You said: anything else"
 
 
 # ---------------------------------------------------------------------------------------------------------------
