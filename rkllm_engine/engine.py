@@ -323,11 +323,18 @@ class Engine:
         return list(self._client.recent_log) if self._client is not None else []
 
     async def start(self) -> None:
-        """Spawn (or connect to) the worker and load the model; raises `EngineError` subclasses."""
+        """Spawn (or connect to) the worker and load the model; raises `EngineError` subclasses.
+
+        Also the way back after the worker failed for good (metrics state ERROR).
+        """
         if self._started:
             return
         config = self.config
+        if self._client is not None:  # a worker that failed for good: shut it down before a new one
+            old_client, self._client = self._client, None
+            await old_client.stop()
         self._stopping = False
+        self._scheduler.close(EngineUnavailableError("the model is still loading"))
         self._scheduler.set_base_state(EngineState.LOADING)
         platform = config.platform or (local_platform() if config.worker.host is None else None)
         spec = InitSpec(
@@ -347,6 +354,7 @@ class Engine:
         try:
             info = await client.start(spec)
         except BaseException as err:
+            self._scheduler.close(EngineUnavailableError(f"the model could not be loaded: {err}"))
             self._scheduler.set_base_state(EngineState.ERROR, last_error=str(err))
             with contextlib.suppress(Exception):
                 await client.stop()
@@ -387,7 +395,8 @@ class Engine:
 
     def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
         """Admit a request now (or raise `QueueFullError`/`EngineUnavailableError`/`InvalidRequestError`)."""
-        if self._planner is None or not self._started:
+        self._scheduler.check_open()  # not started, stopped, or failed: the reason, before any validation
+        if self._planner is None:
             raise EngineUnavailableError("the engine is not started (the model is not loaded)")
         # Validate now, so an HTTP view can answer 400 before any byte; plan again when the slot is
         # granted, because the resident KV state may change while this request waits.
@@ -412,7 +421,13 @@ class Engine:
                 self._planner.invalidate()
             self._scheduler.hold()
             self._scheduler.update_metrics(
-                dataclasses.replace(self._scheduler.metrics, restarts=restarts, tools_loaded=(), kv_cache_tokens=None)
+                dataclasses.replace(
+                    self._scheduler.metrics,
+                    restarts=restarts,
+                    tools_loaded=(),
+                    kv_cache_tokens=None,
+                    last_error=client.last_error if client is not None else None,
+                )
             )
             if self._started:
                 self._scheduler.set_base_state(EngineState.LOADING)
@@ -421,9 +436,12 @@ class Engine:
             self._scheduler.set_base_state(EngineState.IDLE)
             self._scheduler.resume()
         elif state is WorkerState.FAILED and not self._stopping:
-            reason = self._last_problem() or "the rkllm worker keeps failing"
-            self._scheduler.close(EngineUnavailableError(f"the rkllm worker failed and was given up: {reason}"))
+            reason = (client.last_error if client is not None else None) or self._last_problem() or "no reason recorded"
+            failures = client.consecutive_failures if client is not None else 0
+            message = f"the rkllm worker failed {failures} time(s) in a row and is unavailable: {reason}"
+            self._scheduler.close(EngineUnavailableError(message))
             self._scheduler.set_base_state(EngineState.ERROR, last_error=reason)
+            self._started = False  # FAILED is terminal for the client: the owner recovers with start()
 
     def _last_problem(self) -> str | None:
         if self._client is None:

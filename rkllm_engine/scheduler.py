@@ -162,10 +162,14 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self, priority: Priority = Priority.API) -> Ticket:
-        """Take a place in the queue now, or raise at once (`QueueFullError`/`EngineUnavailableError`)."""
+    def check_open(self) -> None:
+        """Raise `EngineUnavailableError` with the reason when no request is admitted now."""
         if not self._open:
             raise EngineUnavailableError(self._closed_reason)
+
+    def admit(self, priority: Priority = Priority.API) -> Ticket:
+        """Take a place in the queue now, or raise at once (`QueueFullError`/`EngineUnavailableError`)."""
+        self.check_open()
         slot_free_now = self._running is None and not self._holding and not self._heap
         if not slot_free_now and len(self._heap) >= self._queue_size:
             retry_after = self.retry_after_s()

@@ -17,6 +17,7 @@ from rkllm_engine.types import (
     ChatMessage,
     ChatRequest,
     CompletionRequest,
+    ContextOverflowError,
     EngineMetrics,
     EngineState,
     EngineUnavailableError,
@@ -337,6 +338,8 @@ async def test_start_failure_is_one_clear_error(tmp_path: Path) -> None:
         await engine.start()
     assert engine.metrics.state is EngineState.ERROR
     assert engine.metrics.last_error is not None
+    with pytest.raises(EngineUnavailableError, match="could not be loaded"):
+        engine.submit(ChatRequest(messages=[ChatMessage("user", "hi")]))
     await engine.stop()
 
 
@@ -352,3 +355,45 @@ def test_config_and_cpu_mask_defaults() -> None:
         EngineConfig(library_path="x", model_path="y", cpu_mask=0x3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         EngineConfig(library_path="x", model_path="y", context_length=512, max_new_tokens=512)
+
+
+async def test_prompt_longer_than_the_context_is_a_context_overflow(make_engine: EngineFactory, tmp_path: Path) -> None:
+    model = model_file(tmp_path, prefill_tokens_per_s=100000, decode_tokens_per_s=2000, max_context_limit=256)
+    engine = await make_engine(model, speed=1, context_length=256, max_new_tokens=32)
+    with pytest.raises(ContextOverflowError) as excinfo:
+        await engine.submit(ChatRequest(messages=[ChatMessage("user", "word " * 300)])).collect()
+    assert excinfo.value.context_length == 256
+    assert excinfo.value.prompt_tokens is not None
+    assert excinfo.value.prompt_tokens > 256
+    text, finished = await engine.submit(ChatRequest(messages=[ChatMessage("user", "short")])).collect()
+    assert finished.finish_reason == "stop"
+    assert text.startswith("I am the RKLLM emulator")
+
+
+async def test_a_crash_loop_makes_the_engine_unavailable_until_it_is_started_again(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    model = model_file(tmp_path, prefill_tokens_per_s=100000, decode_tokens_per_s=2000, fault="crash_after_tokens:1")
+    engine = await make_engine(model, speed=1)
+    healthy = model.read_text().replace("fault = crash_after_tokens:1", "default_answer = Recovered.")
+    model.write_text(model.read_text().replace("crash_after_tokens:1", "init_fail"))  # every restart fails
+    errors: list[str] = []
+    engine.add_listener(lambda m: errors.append(m.last_error or "") if m.state is EngineState.ERROR else None)
+
+    with pytest.raises(WorkerCrashedError):
+        await engine.submit(ChatRequest(messages=[ChatMessage("user", "hi")])).collect()
+    for _ in range(200):
+        if engine.metrics.state is EngineState.ERROR:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.metrics.state is EngineState.ERROR
+    assert "init_fail" in (engine.metrics.last_error or "")
+    with pytest.raises(EngineUnavailableError, match="in a row"):
+        engine.submit(ChatRequest(messages=[ChatMessage("user", "hi")]))
+    assert errors
+
+    model.write_text(healthy)
+    await engine.start()  # what a repair / config entry reload does
+    assert engine.metrics.state is EngineState.IDLE
+    text, _ = await engine.submit(ChatRequest(messages=[ChatMessage("user", "hi")])).collect()
+    assert text == "Recovered."
