@@ -7,23 +7,18 @@ object that passes the task's schema, else the task fails with a translated erro
 
 from __future__ import annotations
 
-import json
-import re
-from typing import Any, Final
+from typing import Any
 
-import voluptuous as vol
 from homeassistant.components import ai_task, conversation  # type: ignore[attr-defined, unused-ignore]
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .const import DOMAIN, LOGGER, SUBENTRY_AI_TASK
+from .const import DOMAIN, SUBENTRY_AI_TASK
 from .data import RkllmConfigEntry
-from .entity import RkllmBaseLLMEntity, structured_output
+from .entity import RkllmBaseLLMEntity, structured_output, validate_structured_answer
 
 PARALLEL_UPDATES = 0
-
-_CODE_FENCE: Final = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
 async def async_setup_entry(
@@ -36,42 +31,6 @@ async def async_setup_entry(
         if subentry.subentry_type != SUBENTRY_AI_TASK:
             continue
         async_add_entities([RkllmTaskEntity(config_entry, subentry)], config_subentry_id=subentry.subentry_id)
-
-
-def decode_json_answer(text: str) -> Any:
-    """The JSON value of an answer; tolerates code fences and text around one object. Raises ValueError."""
-    candidate = text.strip()
-    if fenced := _CODE_FENCE.match(candidate):
-        candidate = fenced.group(1)
-    try:
-        return json.loads(candidate)
-    except ValueError:
-        start, end = candidate.find("{"), candidate.rfind("}")
-        if start == -1 or end <= start:
-            raise
-        return json.loads(candidate[start : end + 1])
-
-
-def validate_structured_answer(text: str, structure: vol.Schema) -> Any:
-    """Decode and validate an answer against the task's structure; HomeAssistantError (translated) if it fails."""
-    try:
-        data = decode_json_answer(text)
-    except ValueError as err:
-        LOGGER.error("AI task answer is not JSON: %s", text)
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="structured_output_invalid",
-            translation_placeholders={"error": f"not JSON ({err})"},
-        ) from err
-    try:
-        return structure(data)
-    except vol.Invalid as err:
-        LOGGER.error("AI task answer does not match the structure: %s", text)
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="structured_output_invalid",
-            translation_placeholders={"error": str(err)},
-        ) from err
 
 
 class RkllmTaskEntity(ai_task.AITaskEntity, RkllmBaseLLMEntity):  # type: ignore[misc, unused-ignore]

@@ -92,6 +92,7 @@ from .data import RkllmConfigEntry
 DATE_TIME_LINE: Final = re.compile(
     r"^Current time is \d{1,2}:\d{2}(?::\d{2})?\. Today's date is \d{4}-\d{2}-\d{2}\.[ \t]*(?:\n|$)", re.MULTILINE
 )
+_CODE_FENCE: Final = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 # Errors longer than this are shortened before the model reads them.
 MAX_TOOL_ERROR_CHARS: Final = 200
 # Translation keys of the engine's error codes (types.py `EngineError.code`).
@@ -606,6 +607,42 @@ async def async_run_chat_log(
         if not chat_log.unresponded_tool_results:
             break
     return usage
+
+
+def decode_json_answer(text: str) -> Any:
+    """The JSON value of an answer; tolerates code fences and text around one object. Raises ValueError."""
+    candidate = text.strip()
+    if fenced := _CODE_FENCE.match(candidate):
+        candidate = fenced.group(1)
+    try:
+        return json.loads(candidate)
+    except ValueError:
+        start, end = candidate.find("{"), candidate.rfind("}")
+        if start == -1 or end <= start:
+            raise
+        return json.loads(candidate[start : end + 1])
+
+
+def validate_structured_answer(text: str, structure: vol.Schema) -> Any:
+    """Decode and validate an answer against the task's structure; HomeAssistantError (translated) if it fails."""
+    try:
+        data = decode_json_answer(text)
+    except ValueError as err:
+        LOGGER.error("AI task answer is not JSON: %s", text)
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="structured_output_invalid",
+            translation_placeholders={"error": f"not JSON ({err})"},
+        ) from err
+    try:
+        return structure(data)
+    except vol.Invalid as err:
+        LOGGER.error("AI task answer does not match the structure: %s", text)
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="structured_output_invalid",
+            translation_placeholders={"error": str(err)},
+        ) from err
 
 
 def structured_output(structure: vol.Schema, chat_log: conversation.ChatLog) -> StructuredOutput:

@@ -12,12 +12,15 @@ from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import STATE_OFF, STATE_ON
 from homeassistant.core import Context, HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import chat_session, intent, llm
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
+from custom_components.rkllm.agent_api import AgentDelta, AgentRequestError, agent_models, async_run_agent
 from custom_components.rkllm.compat import SUPPORTS_THINKING_DELTA
 from custom_components.rkllm.const import DOMAIN
 from custom_components.rkllm.entity import (
+    EngineTurnError,
     repair_tool_arguments,
     short_match_failure,
     shorten_tool_result,
@@ -362,3 +365,130 @@ async def test_next_turn_continues_from_the_resident_kv_state(
     result = await converse(hass, "say something else", conversation_id=first.conversation_id)
     assert speech(result).endswith("say something else")
     assert set(modes[second_turn:]) == {"continue"}
+
+
+# --- The same agent served as an OpenAI model (agent_api) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "subentries",
+    [[conversation_subentry("Living room"), conversation_subentry("Living room", llm_hass_api=[])]],
+)
+@pytest.mark.usefixtures("loaded_entry")
+async def test_agent_models_list_every_loaded_agent_with_unique_ids(hass: HomeAssistant) -> None:
+    models = agent_models(hass)
+    assert len(models) == 2
+    assert len({model.model_id for model in models}) == 2
+    assert all(model.model_id.startswith("rkllm-agent-living-room-") for model in models)
+    assert sorted(model.llm_apis for model in models) == [(), ("assist",)]
+    assert {model.entity_id for model in models} == {"conversation.living_room", "conversation.living_room_2"}
+
+
+@pytest.mark.usefixtures("kitchen_light", "loaded_entry")
+async def test_agent_model_runs_the_assist_turn_with_server_side_tools(
+    hass: HomeAssistant, hass_admin_user: MockUser, submitted: list[ChatRequest]
+) -> None:
+    (model,) = agent_models(hass)
+    assert model.model_id == "rkllm-agent-assist-on-npu"
+    deltas: list[AgentDelta] = []
+    result = await async_run_agent(
+        hass,
+        model.entity_id,
+        [
+            ChatMessage(role="system", content="Always be polite."),
+            ChatMessage(role="user", content="turn on the kitchen light"),
+        ],
+        context=Context(user_id=hass_admin_user.id),
+        on_delta=deltas.append,
+    )
+    assert hass.states.get(KITCHEN_LIGHT).state == STATE_ON
+    assert result.text == "Done, the kitchen light is on."
+    assert result.tool_calls == 1
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.completion_tokens > 0
+    assert "Always be polite." in (submitted[0].messages[0].content or "")  # client system → extra system prompt
+    kinds = [delta.kind for delta in deltas]
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("text")
+    call = next(delta for delta in deltas if delta.kind == "tool_call")
+    assert (call.tool_name or "").rpartition("__")[2] == "HassTurnOn"
+    assert call.tool_args == {"name": "Kitchen Light"}
+    assert "".join(delta.text for delta in deltas if delta.kind == "text") == result.text
+
+
+@pytest.mark.usefixtures("kitchen_light", "loaded_entry")
+async def test_agent_model_history_is_replayed_warm(hass: HomeAssistant) -> None:
+    """A client re-sending the conversation continues from the engine's resident state (cached tokens)."""
+    (model,) = agent_models(hass)
+    first = await async_run_agent(
+        hass, model.entity_id, [ChatMessage(role="user", content="say one")], context=Context(), on_delta=lambda _: None
+    )
+    history = [
+        ChatMessage(role="user", content="say one"),
+        ChatMessage(role="assistant", content=first.text),
+        ChatMessage(role="user", content="say two"),
+    ]
+    second = await async_run_agent(hass, model.entity_id, history, context=Context(), on_delta=lambda _: None)
+    assert second.text.endswith("say two")
+    assert second.usage.cached_tokens > 0
+
+
+@pytest.mark.usefixtures("kitchen_light", "loaded_entry")
+async def test_agent_model_refuses_a_read_only_user_like_assist(
+    hass: HomeAssistant, hass_read_only_user: MockUser
+) -> None:
+    (model,) = agent_models(hass)
+    result = await async_run_agent(
+        hass,
+        model.entity_id,
+        [ChatMessage(role="user", content="turn on the kitchen light")],
+        context=Context(user_id=hass_read_only_user.id),
+        on_delta=lambda _: None,
+    )
+    assert result.text == "I am not allowed to do that for you."
+    assert hass.states.get(KITCHEN_LIGHT).state == STATE_OFF
+
+
+@pytest.mark.usefixtures("loaded_entry")
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([ChatMessage(role="system", content="only a system message")], "last message must be a user message"),
+        (
+            [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="hello")],
+            "last message must be a user message",
+        ),
+        (
+            [
+                ChatMessage(role="tool", content="{}", tool_call_id="nobody-asked"),
+                ChatMessage(role="user", content="hi"),
+            ],
+            "must answer a tool call",
+        ),
+    ],
+)
+async def test_agent_model_rejects_unusable_histories(
+    hass: HomeAssistant, messages: list[ChatMessage], problem: str
+) -> None:
+    (model,) = agent_models(hass)
+    with pytest.raises(AgentRequestError, match=problem):
+        await async_run_agent(hass, model.entity_id, messages, context=Context(), on_delta=lambda _: None)
+
+
+@pytest.mark.usefixtures("loaded_entry")
+async def test_unknown_agent_is_a_translated_error(hass: HomeAssistant) -> None:
+    with pytest.raises(HomeAssistantError) as caught:
+        await async_run_agent(
+            hass, "conversation.nobody", [ChatMessage(role="user", content="hi")], context=Context(), on_delta=print
+        )
+    assert caught.value.translation_key == "agent_not_found"
+    assert str(caught.value) == "No RKLLM conversation agent conversation.nobody is loaded"
+
+
+async def test_agent_model_engine_errors_carry_their_code(hass: HomeAssistant, loaded_entry: MockConfigEntry) -> None:
+    (model,) = agent_models(hass)
+    await loaded_entry.runtime_data.engine.stop()
+    with pytest.raises(EngineTurnError) as caught:
+        await async_run_agent(
+            hass, model.entity_id, [ChatMessage(role="user", content="hi")], context=Context(), on_delta=print
+        )
+    assert caught.value.code == "unavailable"

@@ -14,7 +14,7 @@ from pytest_homeassistant_custom_component.typing import WebSocketGenerator
 from tests.ha.conftest import KITCHEN_LIGHT
 
 AGENT = "conversation.assist_on_npu"
-# 2025.6+: the pipeline forwards the agent's chat-log deltas as they stream.
+# Feature-detected: the pipeline forwards the agent's chat-log deltas as `intent-progress` events where it can.
 STREAMS_DELTAS = hasattr(PipelineEventType, "INTENT_PROGRESS")
 
 
