@@ -1,0 +1,343 @@
+"""Repair issues: problems a user must fix outside Home Assistant, raised where they are seen, cleared when fixed.
+
+Setup problems (library missing or unsupported, model built for another SoC) are raised by `__init__` through
+`async_raise_setup_issue` and cleared by `async_clear_setup_issues` once setup succeeds. While the entry runs,
+`async_track_issues` watches the engine: its metrics (restarts, error state) and the runtime's own log lines,
+the only place the runtime names driver and platform problems (rkllm-runtime.md §7, Appendix A).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from homeassistant.components.repairs import ConfirmRepairFlow, RepairsFlow
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.core import CALLBACK_TYPE, HomeAssistant, callback
+from homeassistant.data_entry_flow import FlowResult
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.event import async_call_later
+from homeassistant.loader import IntegrationNotLoaded, async_get_loaded_integration
+
+from rkllm_engine.types import EngineMetrics, EngineState
+
+from .const import (
+    CONF_MODEL_PATH,
+    DOMAIN,
+    ISSUE_LIBRARY_MISSING,
+    ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_PLATFORM_MISMATCH,
+)
+from .data import RkllmConfigEntry
+
+ISSUE_NPU_DRIVER_TOO_OLD = "npu_driver_too_old"
+ISSUE_WORKER_CRASH_LOOP = "worker_crash_loop"
+
+# Raised by setup; a successful setup proves each of them fixed (the library loaded, the model initialised).
+SETUP_ISSUES = (ISSUE_LIBRARY_MISSING, ISSUE_LIBRARY_UNSUPPORTED, ISSUE_MODEL_PLATFORM_MISMATCH)
+ALL_ISSUES = (*SETUP_ISSUES, ISSUE_NPU_DRIVER_TOO_OLD, ISSUE_WORKER_CRASH_LOOP)
+
+# Worker restarts in a row without one request served: a loop, not a one-off crash.
+CRASH_LOOP_RESTARTS = 3
+
+LOADED_STATES = frozenset({EngineState.IDLE, EngineState.GENERATING})
+# While the worker (re)loads or has failed, its lines can change without any metric changing.
+RECHECK_STATES = frozenset({EngineState.LOADING, EngineState.ERROR})
+NOT_LOADED_RECHECK_S = 2.0
+
+# The placeholders each issue's text uses; a missing one is filled so the text never shows a raw `{name}`.
+_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    ISSUE_LIBRARY_MISSING: ("title", "path", "error"),
+    ISSUE_LIBRARY_UNSUPPORTED: ("title", "path", "version", "error"),
+    ISSUE_MODEL_PLATFORM_MISMATCH: ("title", "model", "platform", "error"),
+    ISSUE_NPU_DRIVER_TOO_OLD: ("title", "driver_version", "required_version"),
+    ISSUE_WORKER_CRASH_LOOP: ("title", "restarts", "error"),
+}
+UNKNOWN_PLACEHOLDER = "unknown"
+
+_SEVERITIES: dict[str, ir.IssueSeverity] = {
+    ISSUE_LIBRARY_MISSING: ir.IssueSeverity.ERROR,
+    ISSUE_LIBRARY_UNSUPPORTED: ir.IssueSeverity.ERROR,
+    ISSUE_MODEL_PLATFORM_MISMATCH: ir.IssueSeverity.ERROR,
+    ISSUE_NPU_DRIVER_TOO_OLD: ir.IssueSeverity.WARNING,
+    ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
+}
+
+# Formats from rkllm-runtime.md Appendix A. The version line opens every rkllm_init, so the lines after the
+# last one belong to the runtime that is loaded now (or that just failed to load).
+_INIT_VERSION_LINE = re.compile(
+    r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
+    r"(?:\s*,\s*platform:\s*(?P<platform>\S+))?"
+)
+_DRIVER_TOO_LOW_LINE = re.compile(
+    r"^\s*W\s+rkllm:.*rknpu driver version is too low, please upgrade to\s*(?P<required>[^\s,]+?)\.?\s*$",
+    re.IGNORECASE,
+)
+_PLATFORM_MISMATCH_LINE = re.compile(r"^\s*E\s+rkllm:.*target_platform does not match the real platform", re.IGNORECASE)
+
+
+# What a dying worker leaves in the log: the runtime's own error lines, or Python's faulthandler report.
+_PROBLEM_LINE = re.compile(r"^\s*(?:E\s+rkllm:|Fatal Python error:)")
+
+
+def _last_problem_line(lines: list[str]) -> str | None:
+    """The most recent runtime error or crash report, to name a failure the engine did not describe."""
+    return next((line.strip() for line in reversed(lines) if _PROBLEM_LINE.match(line)), None)
+
+
+def issue_id_for(key: str, entry_id: str) -> str:
+    """Issues are per entry: two runtimes on one host can have different problems."""
+    return f"{key}_{entry_id}"
+
+
+def _learn_more_url(hass: HomeAssistant) -> str | None:
+    """The README's troubleshooting section, found from the manifest's documentation link."""
+    try:
+        documentation = async_get_loaded_integration(hass, DOMAIN).documentation
+    except IntegrationNotLoaded:
+        return None
+    return f"{documentation.split('#', 1)[0]}#troubleshooting" if documentation else None
+
+
+@callback
+def _async_create_issue(hass: HomeAssistant, entry_id: str, key: str, placeholders: dict[str, str]) -> None:
+    """Create or update one translated issue of this entry (creating an identical issue again is a no-op)."""
+    fixable = key == ISSUE_WORKER_CRASH_LOOP
+    placeholders = {name: placeholders.get(name) or UNKNOWN_PLACEHOLDER for name in _PLACEHOLDERS[key]}
+    ir.async_create_issue(
+        hass,
+        DOMAIN,
+        issue_id_for(key, entry_id),
+        data={"entry_id": entry_id} if fixable else None,
+        is_fixable=fixable,
+        learn_more_url=_learn_more_url(hass),
+        severity=_SEVERITIES.get(key, ir.IssueSeverity.ERROR),
+        translation_key=key,
+        translation_placeholders=placeholders,
+    )
+
+
+@callback
+def _async_delete_issue(hass: HomeAssistant, entry_id: str, key: str) -> None:
+    """Delete one issue of this entry if it exists."""
+    ir.async_delete_issue(hass, DOMAIN, issue_id_for(key, entry_id))
+
+
+async def async_raise_setup_issue(
+    hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
+) -> None:
+    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`) for `entry`.
+
+    `placeholders` fill the translated text: `library_missing` uses `path` and `error`; `library_unsupported`
+    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`. The
+    entry title is added; a missing value reads "unknown".
+    """
+    if key not in _PLACEHOLDERS:
+        raise ValueError(f"unknown rkllm repair issue {key!r}: expected one of {', '.join(_PLACEHOLDERS)}")
+    _async_create_issue(hass, entry.entry_id, key, {"title": entry.title, **placeholders})
+
+
+async def async_clear_setup_issues(hass: HomeAssistant, entry: ConfigEntry) -> None:
+    """Setup succeeded: the library loaded and the model initialised, so every setup issue is fixed."""
+    for key in SETUP_ISSUES:
+        _async_delete_issue(hass, entry.entry_id, key)
+
+
+@callback
+def async_delete_entry_issues(hass: HomeAssistant, entry_id: str) -> None:
+    """The entry was removed: none of its issues can be fixed any more (call from `async_remove_entry`)."""
+    for key in ALL_ISSUES:
+        _async_delete_issue(hass, entry_id, key)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """`0.9.8` → (0, 9, 8); letters end a part (`1.2.1b1` → (1, 2, 1)), so odd strings still compare."""
+    parts: list[int] = []
+    for part in version.strip().lstrip("vV").split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _InitFindings:
+    """What one init's lines say about the driver and the platform."""
+
+    driver_version: str | None = None
+    platform: str | None = None
+    required_driver_version: str | None = None
+    platform_mismatch: str | None = None  # the runtime's line, shown to the user
+
+    @classmethod
+    def from_lines(cls, lines: list[str]) -> _InitFindings:
+        """Read the version, driver-warning and mismatch lines (the last of each wins)."""
+        found = cls()
+        for line in lines:
+            if (version := _INIT_VERSION_LINE.match(line)) is not None:
+                found = replace(found, driver_version=version["driver"], platform=version["platform"])
+            elif (warning := _DRIVER_TOO_LOW_LINE.match(line)) is not None:
+                found = replace(found, required_driver_version=warning["required"])
+            elif _PLATFORM_MISMATCH_LINE.match(line):
+                found = replace(found, platform_mismatch=line.strip())
+        return found
+
+
+class EngineIssueTracker:
+    """Turns engine snapshots and runtime lines into issues; every decision is re-made from what is seen now.
+
+    Log rules look only at the lines of the latest `rkllm_init` (after its version line), so an old warning
+    from before a driver upgrade cannot keep an issue alive, and nothing is decided once those lines have
+    left the engine's ring. The worker flushes init output before it replies (rkllm_native/worker.py), so a
+    loaded engine has already delivered every line its init printed.
+
+    Runtime lines are not engine events: a restart that fails the same way as the previous attempt changes no
+    metric. So while the engine is not loaded (LOADING, ERROR) the lines are re-read every
+    `NOT_LOADED_RECHECK_S`; once it is loaded, metric changes alone drive the checks.
+    """
+
+    def __init__(self, hass: HomeAssistant, entry: RkllmConfigEntry) -> None:
+        self._hass = hass
+        self._entry_id = entry.entry_id
+        self._title = entry.title
+        self._model_path = str(entry.data.get(CONF_MODEL_PATH, ""))
+        self._engine = entry.runtime_data.engine
+        metrics = self._engine.metrics
+        self._restarts_at_last_success = metrics.restarts
+        self._requests_served = metrics.requests_served
+        self._cancel_recheck: CALLBACK_TYPE | None = None
+
+    @callback
+    def evaluate(self, metrics: EngineMetrics) -> None:
+        """Re-check every engine-driven issue against one snapshot (the engine's listener)."""
+        self._check_init_log(metrics)
+        self._check_crash_loop(metrics)
+        if metrics.state in RECHECK_STATES:
+            if self._cancel_recheck is None:
+                self._cancel_recheck = async_call_later(self._hass, NOT_LOADED_RECHECK_S, self._async_recheck)
+        else:
+            self.stop_rechecks()
+
+    @callback
+    def _async_recheck(self, _now: datetime) -> None:
+        self._cancel_recheck = None
+        self.evaluate(self._engine.metrics)
+
+    @callback
+    def stop_rechecks(self) -> None:
+        """Cancel a pending re-read (the entry unloads, or the engine is loaded again)."""
+        if self._cancel_recheck is not None:
+            self._cancel_recheck()
+            self._cancel_recheck = None
+
+    def _latest_init_lines(self) -> list[str] | None:
+        """Lines printed since the last init began; None when the ring no longer holds that init."""
+        lines = self._engine.recent_log()
+        for index in range(len(lines) - 1, -1, -1):
+            if _INIT_VERSION_LINE.match(lines[index]):
+                return lines[index:]
+        # Some failures print before (or instead of) the version line: a mismatch anywhere still counts.
+        if any(_PLATFORM_MISMATCH_LINE.match(line) for line in lines):
+            return lines
+        return None
+
+    def _check_init_log(self, metrics: EngineMetrics) -> None:
+        lines = self._latest_init_lines()
+        if lines is None:
+            return
+        init = _InitFindings.from_lines(lines)
+        loaded = metrics.state in LOADED_STATES
+
+        if loaded:
+            # The model initialised, so its target platform matches this SoC.
+            _async_delete_issue(self._hass, self._entry_id, ISSUE_MODEL_PLATFORM_MISMATCH)
+        elif init.platform_mismatch:
+            _async_create_issue(
+                self._hass,
+                self._entry_id,
+                ISSUE_MODEL_PLATFORM_MISMATCH,
+                {
+                    "title": self._title,
+                    "model": self._model_path,
+                    "platform": init.platform or metrics.platform or "",
+                    "error": init.platform_mismatch,
+                },
+            )
+
+        driver = init.driver_version or metrics.driver_version
+        required = init.required_driver_version
+        if required is not None and not (driver and _version_tuple(driver) >= _version_tuple(required)):
+            _async_create_issue(
+                self._hass,
+                self._entry_id,
+                ISSUE_NPU_DRIVER_TOO_OLD,
+                {"title": self._title, "driver_version": driver or "", "required_version": required},
+            )
+        elif loaded:
+            # [Inf] The runtime prints the warning during init, before rkllm_init returns (rkllm-runtime.md §7);
+            # a loaded runtime whose init printed none accepts this driver.
+            _async_delete_issue(self._hass, self._entry_id, ISSUE_NPU_DRIVER_TOO_OLD)
+
+    def _check_crash_loop(self, metrics: EngineMetrics) -> None:
+        if metrics.state is EngineState.STOPPED:
+            return  # unloading: nothing about the worker's health can be learned from a deliberate stop
+        if metrics.requests_served > self._requests_served:
+            # A request finished: whatever restarts came before, the worker works now.
+            self._restarts_at_last_success = metrics.restarts
+        self._requests_served = metrics.requests_served
+        restarts_in_a_row = max(0, metrics.restarts - self._restarts_at_last_success)
+        if metrics.state is EngineState.ERROR or restarts_in_a_row >= CRASH_LOOP_RESTARTS:
+            _async_create_issue(
+                self._hass,
+                self._entry_id,
+                ISSUE_WORKER_CRASH_LOOP,
+                {
+                    "title": self._title,
+                    "restarts": str(restarts_in_a_row),
+                    "error": metrics.last_error or _last_problem_line(self._engine.recent_log()) or "not reported",
+                },
+            )
+        elif metrics.state in LOADED_STATES:
+            _async_delete_issue(self._hass, self._entry_id, ISSUE_WORKER_CRASH_LOOP)
+
+
+@callback
+def async_track_issues(hass: HomeAssistant, entry: RkllmConfigEntry) -> Callable[[], None]:
+    """Watch the entry's engine and keep its runtime issues in sync; returns the function that stops watching."""
+    tracker = EngineIssueTracker(hass, entry)
+    remove_listener = entry.runtime_data.engine.add_listener(tracker.evaluate)
+    tracker.evaluate(entry.runtime_data.engine.metrics)
+
+    @callback
+    def stop_tracking() -> None:
+        remove_listener()
+        tracker.stop_rechecks()
+
+    return stop_tracking
+
+
+class RestartEngineRepairFlow(ConfirmRepairFlow):
+    """Fix a crash loop by reloading the entry: a fresh worker, a fresh runtime, restart counters at zero."""
+
+    def __init__(self, entry_id: str) -> None:
+        super().__init__()
+        self._entry_id = entry_id
+
+    async def async_step_confirm(self, user_input: dict[str, str] | None = None) -> FlowResult:
+        """Reload on confirm; if the loop continues the tracker raises the issue again."""
+        if user_input is not None and self.hass.config_entries.async_get_entry(self._entry_id) is not None:
+            await self.hass.config_entries.async_reload(self._entry_id)
+        return await super().async_step_confirm(user_input)
+
+
+async def async_create_fix_flow(
+    hass: HomeAssistant, issue_id: str, data: dict[str, str | int | float | None] | None
+) -> RepairsFlow:
+    """The repairs platform entry point; only the crash loop has a fix (the others need the user's hands)."""
+    entry_id = data.get("entry_id") if data else None
+    if issue_id.startswith(f"{ISSUE_WORKER_CRASH_LOOP}_") and isinstance(entry_id, str):
+        return RestartEngineRepairFlow(entry_id)
+    return ConfirmRepairFlow()
