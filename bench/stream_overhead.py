@@ -3,7 +3,7 @@
 Run from the repository root with the project venv (no installation needed: the repo root is put on
 `sys.path` below):
 
-    .venv/bin/python bench/stream_overhead.py [--reps 3] [--decode 2500] [--tokens 2400]
+    .venv/bin/python bench/stream_overhead.py [--reps 5] [--decode 2500] [--tokens 2400]
 
 An emulator model decodes at `--decode` tokens/s (speed 1, prefill practically free) and answers every
 prompt with a `--tokens`-token text. For each ABI profile:
@@ -13,7 +13,9 @@ prompt with a `--tokens`-token text. For each ABI profile:
   scheduler and the output parser; tokens = `usage.completion_tokens` (the TextDelta events are counted
   too, as a check), time = from `submit` to the `Finished` event.
 
-Rates are tokens / wall seconds. Raw and delivered runs alternate (one pair per repetition, after one
+Rates are tokens / wall seconds. The CPU columns are CPU microseconds per token of all our processes
+(raw: this process; delivered: this process + the worker): the intrinsic cost, which other processes'
+load does not change. Raw and delivered runs alternate (one pair per repetition, after one
 warm-up pair), so both see the same load from other processes; delivered_over_raw is the median of the
 per-pair ratios. The summary line reports the profile with the lower ratio (target >= 0.95).
 """
@@ -49,10 +51,16 @@ PROMPT = "Tell me a long story."
 
 @dataclass(frozen=True)
 class Rate:
-    """Tokens and seconds of one run."""
+    """Tokens, wall seconds and CPU seconds (all our processes) of one run."""
 
     tokens: int
     seconds: float
+    cpu_s: float
+
+    @property
+    def cpu_us_per_token(self) -> float:
+        """CPU microseconds per token: our intrinsic cost, independent of other processes' load."""
+        return self.cpu_s / self.tokens * 1e6
 
     @property
     def per_s(self) -> float:
@@ -116,18 +124,39 @@ def runtime_stdout_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids() -> list[int]:
+    """Our direct children (the engine's worker process)."""
+    pids: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_of_us() -> float:
+    """CPU seconds of this process and its children so far (children still running are read live)."""
+    return process_cpu_s(os.getpid()) + sum(process_cpu_s(pid) for pid in child_pids())
+
+
 def raw_run(runtime: Runtime) -> Rate:
     """One in-process Runtime.run: callbacks / wall time of the call."""
     sink = CountingSink()
+    cpu_start = process_cpu_s(os.getpid())
     start = time.perf_counter()
     runtime.run(RunInput(role="user", text=PROMPT), RunOptions(keep_history=False), sink)
-    return Rate(sink.pieces, time.perf_counter() - start)
+    return Rate(sink.pieces, time.perf_counter() - start, process_cpu_s(os.getpid()) - cpu_start)
 
 
 async def delivered_run(engine: Engine) -> tuple[Rate, int]:
     """One Engine.submit through the worker: completion tokens / (submit -> Finished), and the TextDelta count."""
     deltas = 0
     finished: Finished | None = None
+    cpu_start = cpu_of_us()
     start = time.perf_counter()
     async for event in engine.submit(ChatRequest(messages=[ChatMessage("user", PROMPT)])):
         if isinstance(event, TextDelta):
@@ -135,9 +164,10 @@ async def delivered_run(engine: Engine) -> tuple[Rate, int]:
         elif isinstance(event, Finished):
             finished = event
     elapsed = time.perf_counter() - start
+    cpu_s = cpu_of_us() - cpu_start
     if finished is None:
         raise SystemExit("bench/stream_overhead.py: the generation ended without Finished")
-    return Rate(finished.usage.completion_tokens, elapsed), deltas
+    return Rate(finished.usage.completion_tokens, elapsed, cpu_s), deltas
 
 
 async def measure(profile: str, model: Path, reps: int, max_new_tokens: int) -> list[tuple[Rate, Rate, int]]:
@@ -172,7 +202,7 @@ async def measure(profile: str, model: Path, reps: int, max_new_tokens: int) -> 
 async def main() -> None:
     """Measure both profiles, print the table and the summary line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3, help="measured runs per path and profile (after a warm-up)")
+    parser.add_argument("--reps", type=int, default=5, help="measured runs per path and profile (after a warm-up)")
     parser.add_argument("--decode", type=float, default=2500.0, help="emulated decode tokens/s (>= 2000)")
     parser.add_argument("--tokens", type=int, default=2400, help="answer length in tokens")
     args = parser.parse_args()
@@ -183,8 +213,8 @@ async def main() -> None:
 
     print(f"decode {args.decode:g} tok/s emulated (speed 1), answer {args.tokens} tokens, median of {args.reps}")
     header = (
-        f"{'abi':5} {'raw_tokens':>10} {'raw_tok_s':>10} {'delivered_tokens':>16} {'text_deltas':>11} "
-        f"{'delivered_tok_s':>15} {'delivered_over_raw':>18}"
+        f"{'abi':5} {'raw_tokens':>10} {'raw_tok_s':>10} {'raw_cpu_us/tok':>14} {'delivered_tokens':>16} "
+        f"{'text_deltas':>11} {'delivered_tok_s':>15} {'deliv_cpu_us/tok':>16} {'delivered_over_raw':>18}"
     )
     print(header)
     print("-" * len(header))
@@ -199,8 +229,10 @@ async def main() -> None:
             summaries.append((ratio, raw_tok_s, delivered_tok_s, profile))
             print(
                 f"{profile:5} {statistics.median(raw.tokens for raw, _, _ in pairs):>10.0f} {raw_tok_s:>10.1f} "
+                f"{statistics.median(raw.cpu_us_per_token for raw, _, _ in pairs):>14.0f} "
                 f"{statistics.median(delivered.tokens for _, delivered, _ in pairs):>16.0f} "
-                f"{statistics.median(deltas for _, _, deltas in pairs):>11.0f} {delivered_tok_s:>15.1f} {ratio:>18.3f}"
+                f"{statistics.median(deltas for _, _, deltas in pairs):>11.0f} {delivered_tok_s:>15.1f} "
+                f"{statistics.median(delivered.cpu_us_per_token for _, delivered, _ in pairs):>16.0f} {ratio:>18.3f}"
             )
     ratio, raw_tok_s, delivered_tok_s, profile = min(summaries)
     print(f"summary: the lower of the two profiles ({profile}); target delivered_over_raw >= 0.95")

@@ -287,10 +287,15 @@ class Generation:
         if self._task.done():
             return
         self._ticket.cancel()
-        # Shielded: a second cancellation of the caller stops the waiting, not the clean-up, which
-        # then finishes in the background (bounded by the worker's abort watchdog).
-        with contextlib.suppress(Exception, asyncio.CancelledError):
+        # Shielded: a second cancellation of the caller stops the waiting (and propagates), not the
+        # clean-up, which then finishes in the background (bounded by the worker's abort watchdog).
+        try:
             await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.done():
+                raise
+        except Exception:  # the serving task reports its errors through the queue
+            _LOGGER.debug("generation task ended with an error after cancel", exc_info=True)
 
 
 class Engine:
