@@ -37,6 +37,7 @@ SYNC_MARKER: Final = "\x1erkllm-worker-sync "
 SYNC_TIMEOUT_S: Final = 2.0
 MAX_BATCH_FRAMES: Final = 512
 AUTH_TIMEOUT_S: Final = 10.0
+SESSION_HANDOVER_S: Final = 2.0
 EXIT_ABORT_TIMEOUT: Final = 75
 EXIT_USAGE: Final = 2
 EXIT_STARTUP: Final = 3
@@ -936,7 +937,9 @@ class RemoteServer:
                 conn, peer = self.listener.accept()
             except OSError:
                 return
-            if not self._session.acquire(blocking=False):
+            # A client that just disconnected may still be winding down (abort, flush): give it a moment, so a
+            # quick reconnect (e.g. an integration reload) is not refused as busy.
+            if not self._session.acquire(timeout=SESSION_HANDOVER_S):
                 self._refuse(conn, protocol.EV_BUSY, protocol.BUSY_MESSAGE)
                 self.worker.tap.emit(f"rkllm-worker: refused {peer[0]}:{peer[1]}: {protocol.BUSY_MESSAGE}")
                 continue

@@ -1,0 +1,976 @@
+"""Async client of the rkllm worker process: spawn or connect, stream runs, and restart the worker when it dies.
+
+The runtime lives in its own process so a native crash cannot take Home Assistant down (DESIGN.md decision 2);
+this module is the only place that knows that process exists. It turns a dead worker into a typed error for the
+run in flight, restarts it with backoff, and kills it when an abort is not honoured in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import rkllm_native
+from rkllm_engine.types import (
+    ContextOverflowError,
+    EngineError,
+    EngineUnavailableError,
+    GenerationError,
+    InvalidRequestError,
+    Perf,
+    Sampling,
+    WorkerCrashedError,
+)
+from rkllm_native import logparse, protocol
+
+_LOGGER = logging.getLogger(__name__)
+
+RECENT_LOG_LINES: Final = 200
+STOP_TIMEOUT_S: Final = 5.0
+EXIT_WAIT_S: Final = 3.0
+REMOTE_GRACE_MARGIN_S: Final = 1.0
+WORKER_MODULE: Final = "rkllm_native.worker"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLocation:
+    """Where the worker runs: a local child process (host None) or a remote worker on HOST:PORT."""
+
+    host: str | None = None
+    port: int | None = None
+    secret: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True for a worker on another host or in another container."""
+        return self.host is not None
+
+    def describe(self) -> str:
+        """How error messages name this worker."""
+        if self.host is None:
+            return "local child process"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InitSpec:
+    """Everything needed to load the runtime; kept so a restarted worker loads the same thing."""
+
+    library_path: str
+    model_path: str
+    profile: str | None
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeInfo:
+    """What the loaded runtime reported about itself (rkllm-runtime.md Appendix A init lines)."""
+
+    version: str
+    profile: str
+    driver_version: str | None
+    platform: str | None
+    max_context_limit: int | None
+    pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TextPiece:
+    """One decoded piece of generated text, as the runtime's callback delivered it."""
+
+    text: str
+    token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    """How a run ended: perf from the runtime, and whether it was aborted or paused."""
+
+    perf: Perf
+    aborted: bool
+    paused: bool
+
+
+class WorkerState(enum.StrEnum):
+    """Supervision state, surfaced to HA as availability and repairs."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+def package_root() -> str:
+    """The directory that holds `rkllm_native`, so the child imports the same copy (vendored or not)."""
+    return str(Path(rkllm_native.__file__).resolve().parent.parent)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'signal 11 SIGSEGV' or 'exit code 3': what a user or a bug report needs."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"signal {-returncode} {name}"
+    return f"exit code {returncode}"
+
+
+def sampling_to_dict(sampling: Sampling | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Per-run sampling for the wire; None fields keep the runtime's init values."""
+    if sampling is None:
+        return None
+    values = dataclasses.asdict(sampling) if isinstance(sampling, Sampling) else dict(sampling)
+    kept = {key: value for key, value in values.items() if value is not None}
+    return kept or None
+
+
+def _error_from_reply(error: Mapping[str, Any], op: str) -> EngineError:
+    """Map a failed reply's kind onto the engine's typed errors."""
+    kind = str(error.get("kind", ""))
+    message = str(error.get("message") or f"worker op '{op}' failed")
+    if kind == protocol.KIND_CONTEXT_OVERFLOW:
+        return ContextOverflowError(message, _opt_int(error.get("prompt_tokens")), _opt_int(error.get("max_context")))
+    if kind in (protocol.KIND_BAD_REQUEST, protocol.KIND_INVALID_INPUT, protocol.KIND_UNSUPPORTED):
+        return InvalidRequestError(message)
+    if kind in (
+        protocol.KIND_BUSY,
+        protocol.KIND_NOT_INITIALIZED,
+        protocol.KIND_INIT_FAILED,
+        protocol.KIND_VERSION_MISMATCH,
+    ):
+        return EngineUnavailableError(message)
+    return GenerationError(message)
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _perf_from_dict(raw: object) -> Perf:
+    values = raw if isinstance(raw, dict) else {}
+
+    def number(key: str) -> float:
+        value = values.get(key, 0)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    return Perf(
+        prefill_time_ms=number("prefill_time_ms"),
+        prefill_tokens=int(number("prefill_tokens")),
+        generate_time_ms=number("generate_time_ms"),
+        generate_tokens=int(number("generate_tokens")),
+        memory_usage_mb=number("memory_usage_mb"),
+    )
+
+
+class _Session:
+    """One connection to one worker process (or one remote session); replaced wholesale on restart."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        process: asyncio.subprocess.Process | None,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.process = process
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.streams: dict[int, RunStream] = {}
+        self.reader_task: asyncio.Task[None] | None = None
+        self.stderr_task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.intentional = False  # stop(): EOF is expected, not a crash
+        self.kill_reason: str | None = None  # set by the watchdog before it kills
+        self.pid: int | None = None if process is None else process.pid
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.closed.is_set() or self.writer.is_closing():
+            raise EngineUnavailableError("the connection to the rkllm worker is closed")
+        protocol.write_frame(self.writer, message)
+
+
+class RunStream:
+    """Async iterator of one run's `TextPiece`s; `finished` is set when it ends normally.
+
+    The run is sent when iteration starts (waiting for the previous run to leave the slot). Each run has its
+    own queue, so pieces of an aborted run can never leak into the next one (rkllm-runtime.md §8 item 5).
+    """
+
+    def __init__(self, client: WorkerClient, run_id: int, request: dict[str, Any]) -> None:
+        self._client = client
+        self.run_id = run_id
+        self._request = request
+        self._queue: asyncio.Queue[TextPiece | RunFinished | EngineError] = asyncio.Queue()
+        self._started = False
+        self._holds_slot = False
+        self._aborting = False
+        self._done = asyncio.Event()
+        self._session: _Session | None = None
+        self._log_mark = 0
+        self.finished: RunFinished | None = None
+        self.error: EngineError | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the run finished, failed or was aborted."""
+        return self._done.is_set()
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> TextPiece:
+        if not self._started and not self._done.is_set():
+            await self._start()
+        while True:
+            if self._queue.empty() and self._done.is_set():
+                return self._end()
+            try:
+                item = await self._queue.get()
+            except asyncio.CancelledError:
+                # The consumer went away (client disconnect, task cancel): free the slot behind its back.
+                self._client._spawn(self.abort())
+                raise
+            if isinstance(item, TextPiece):
+                if self._aborting:
+                    continue
+                return item
+            self._queue.put_nowait(item)  # keep the terminal item so every later __anext__ ends the same way
+            return self._end()
+
+    def _end(self) -> TextPiece:
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    async def _start(self) -> None:
+        self._started = True
+        try:
+            await self._client._acquire_slot(self)
+        except BaseException:
+            self._finish_locally()
+            raise
+        self._holds_slot = True
+        if self._done.is_set():  # aborted while waiting for the slot
+            self._release()
+            return
+        try:
+            self._client._submit_run(self)
+        except EngineError as err:
+            self._fail(err)
+
+    async def abort(self) -> None:
+        """Stop the run; if the worker does not stop it within abort_grace_s, kill and restart the worker."""
+        if self._done.is_set():
+            return
+        self._aborting = True
+        if self._session is None:  # never sent: nothing to stop in the worker
+            self._finish_locally()
+            return
+        await self._client._abort_run(self)
+
+    # -- called by the client ---------------------------------------------
+
+    def _deliver(self, item: TextPiece) -> None:
+        if not self._done.is_set() and not self._aborting:
+            self._queue.put_nowait(item)
+
+    def _finish(self, finished: RunFinished) -> None:
+        if self._done.is_set():
+            return
+        self.finished = finished
+        self._close(finished)
+
+    def _fail(self, error: EngineError) -> None:
+        if self._done.is_set():
+            return
+        self.error = error
+        self._close(error)
+
+    def _finish_locally(self) -> None:
+        """End a run that never reached the worker (aborted or cancelled while waiting for the slot)."""
+        self._finish(RunFinished(perf=Perf(), aborted=True, paused=False))
+
+    def _close(self, terminal: RunFinished | EngineError) -> None:
+        if self._aborting:  # drop pieces still queued: the caller asked to stop
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        self._queue.put_nowait(terminal)
+        self._done.set()
+        self._release()
+
+    def _release(self) -> None:
+        if self._session is not None:
+            self._session.streams.pop(self.run_id, None)
+        if self._holds_slot:
+            self._holds_slot = False
+            self._client._release_slot(self)
+
+    async def _wait_done(self, limit_s: float | None) -> bool:
+        try:
+            async with asyncio.timeout(limit_s):
+                await self._done.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class WorkerClient:
+    """Spawns (or connects to) the worker, speaks its protocol, and supervises it.
+
+    Supervision: when the worker dies (crash, exit, lost connection) the run in flight fails with
+    WorkerCrashedError naming the signal or exit code, the state goes RESTARTING, and the worker is relaunched
+    after `restart_backoff_s[failures - 1]` with the same InitSpec. `max_consecutive_failures` crashes or failed
+    restarts within `failure_window_s` (a finished run resets the count) make the state FAILED, which is terminal
+    until `start()` is called again (HA raises a repair). Watchdog: an abort not honoured within `abort_grace_s`
+    kills a local worker (SIGKILL); for a remote one the connection is dropped and the remote worker, which got
+    the same grace with the abort, exits itself so its service manager restarts it.
+    """
+
+    def __init__(
+        self,
+        location: WorkerLocation,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_log: Callable[[str], None] | None = None,
+        on_state: Callable[[WorkerState], None] | None = None,
+        restart_backoff_s: Sequence[float] = (0.5, 1, 2, 5, 10, 30),
+        abort_grace_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        python: str = sys.executable,
+        max_consecutive_failures: int = 5,
+        failure_window_s: float = 300.0,
+        call_timeout_s: float = 60.0,
+    ) -> None:
+        if not restart_backoff_s:
+            raise ValueError("restart_backoff_s needs at least one delay")
+        self.location = location
+        self._env = dict(env or {})
+        self._on_log = on_log
+        self._on_state = on_state
+        self._backoff = tuple(float(delay) for delay in restart_backoff_s)
+        self.abort_grace_s = abort_grace_s
+        self.connect_timeout_s = connect_timeout_s
+        self._python = python
+        self._max_failures = max_consecutive_failures
+        self._failure_window_s = failure_window_s
+        self._call_timeout_s = call_timeout_s
+        self.state = WorkerState.STOPPED
+        self.restarts = 0
+        self.info: RuntimeInfo | None = None
+        self.last_error: str | None = None
+        self._recent_log: deque[str] = deque(maxlen=RECENT_LOG_LINES)
+        self._log_count = 0
+        self._spec: InitSpec | None = None
+        self._session: _Session | None = None
+        self._failures: deque[float] = deque()
+        self._request_ids = itertools.count(1)
+        self._run_ids = itertools.count(1)
+        self._slot = asyncio.Lock()
+        self._restart_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._state_changed = asyncio.Event()
+        self._stopping = False
+
+    # -- public properties ------------------------------------------------
+
+    @property
+    def recent_log(self) -> list[str]:
+        """The last runtime and worker lines, for diagnostics and repairs."""
+        return list(self._recent_log)
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Crashes and failed restarts since the last run that finished, within the failure window."""
+        self._prune_failures()
+        return len(self._failures)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self, spec: InitSpec) -> RuntimeInfo:
+        """Spawn or connect, then hello + init. Raises EngineUnavailableError naming the cause."""
+        if self.state in (WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING):
+            raise EngineError(f"the rkllm worker client is already {self.state}; call stop() first")
+        if self._restart_task is not None:  # a finished restart loop from before FAILED
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart_task
+            self._restart_task = None
+        await self._close_session(kill=True)
+        self._spec = spec
+        self._stopping = False
+        self._failures.clear()
+        self.last_error = None
+        self._set_state(WorkerState.STARTING)
+        try:
+            info = await self._launch(spec)
+        except BaseException as err:
+            self.last_error = str(err)
+            self._set_state(WorkerState.FAILED if isinstance(err, EngineError) else WorkerState.STOPPED)
+            raise
+        self._set_state(WorkerState.READY)
+        return info
+
+    async def stop(self) -> None:
+        """Shut the worker down and wait for it; leaves no process, task or connection behind."""
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart_task
+            self._restart_task = None
+        session = self._session
+        if session is not None:
+            session.intentional = True
+            for stream in list(session.streams.values()):
+                with contextlib.suppress(EngineError):
+                    session.send(protocol.request(protocol.OP_ABORT, next(self._request_ids), run=stream.run_id))
+            with contextlib.suppress(EngineError, TimeoutError, OSError):
+                async with asyncio.timeout(STOP_TIMEOUT_S / 2):
+                    await self._request(session, protocol.OP_SHUTDOWN, {})
+        await self._close_session(kill=False)
+        if self._background:
+            _, late = await asyncio.wait(list(self._background), timeout=EXIT_WAIT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._set_state(WorkerState.STOPPED)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> RuntimeInfo:
+        """Wait for READY (e.g. after a restart); raises EngineUnavailableError if stopped, failed or late."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.state != WorkerState.READY:
+                    if self.state in (WorkerState.STOPPED, WorkerState.FAILED):
+                        raise EngineUnavailableError(self._unavailable_message())
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
+        except TimeoutError as err:
+            raise EngineUnavailableError(
+                f"the rkllm worker is still {self.state} after {timeout_s:g}s; {self.last_error or 'no error recorded'}"
+            ) from err
+        if self.info is None:
+            raise EngineUnavailableError("the rkllm worker is ready but reported no runtime info")
+        return self.info
+
+    # -- requests -----------------------------------------------------------
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request/reply op (not `run`, which streams: use `run()`)."""
+        if op in (protocol.OP_RUN, protocol.OP_AUTH) or op not in protocol.OPS:
+            raise InvalidRequestError(f"op {op!r} cannot be sent with call(); use run() for generation")
+        session = self._ready_session()
+        try:
+            async with asyncio.timeout(self._call_timeout_s):
+                return await self._request(session, op, args)
+        except TimeoutError:
+            message = f"the rkllm worker did not answer '{op}' within {self._call_timeout_s:g}s; worker killed"
+            await self._kill(session, message + "; restarting")
+            raise WorkerCrashedError(message + "; restarting") from None
+
+    def run(
+        self,
+        role: str,
+        text: str,
+        *,
+        keep_history: bool,
+        enable_thinking: bool,
+        sampling: Sampling | Mapping[str, Any] | None = None,
+        max_new_tokens: int = 0,
+    ) -> RunStream:
+        """Prepare a run; it starts when the stream is first iterated. Raises at once if the worker is down."""
+        self._ready_session()
+        if role not in ("user", "tool"):
+            raise InvalidRequestError(f"run role must be 'user' or 'tool', got {role!r}")
+        run_id = next(self._run_ids)
+        request = {
+            "run": run_id,
+            "role": role,
+            "text": text,
+            "enable_thinking": enable_thinking,
+            "keep_history": keep_history,
+            "sampling": sampling_to_dict(sampling),
+            "max_new_tokens": max_new_tokens,
+        }
+        return RunStream(self, run_id, request)
+
+    # -- internals: state --------------------------------------------------
+
+    def _set_state(self, state: WorkerState) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self._state_changed.set()
+        if self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception:
+                _LOGGER.exception("on_state callback failed for %s", state)
+
+    def _unavailable_message(self) -> str:
+        if self.state == WorkerState.READY:
+            return "the rkllm worker is ready"
+        reason = f": {self.last_error}" if self.last_error else ""
+        if self.state == WorkerState.FAILED:
+            failures = self.consecutive_failures
+            if failures:
+                return f"the rkllm worker gave up after {failures} failures in a row{reason}"
+            return f"the rkllm worker failed to start{reason}"
+        if self.state == WorkerState.STOPPED:
+            return "the rkllm worker is not running (stopped)"
+        return f"the rkllm worker is {self.state}{reason}"
+
+    def _ready_session(self) -> _Session:
+        session = self._session
+        if self.state != WorkerState.READY or session is None or session.closed.is_set():
+            raise EngineUnavailableError(self._unavailable_message())
+        return session
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background and keep a reference, so stop() can wait for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _add_log(self, line: str) -> None:
+        self._recent_log.append(line)
+        self._log_count += 1
+        if self._on_log is not None:
+            try:
+                self._on_log(line)
+            except Exception:  # a broken listener must not look like a broken worker connection
+                _LOGGER.exception("on_log callback failed")
+
+    def _lines_since(self, mark: int) -> list[str]:
+        missing = self._log_count - mark
+        if missing <= 0:
+            return []
+        return list(self._recent_log)[-missing:]
+
+    # -- internals: launching ---------------------------------------------
+
+    async def _launch(self, spec: InitSpec) -> RuntimeInfo:
+        """Spawn or connect, authenticate, hello, init; the session becomes current only on success."""
+        session = await (self._connect_remote() if self.location.remote else self._spawn_local())
+        session.reader_task = asyncio.get_running_loop().create_task(self._read_loop(session))
+        try:
+            reply = await self._handshake(session, spec)
+        except BaseException:
+            await self._close(session, kill=True)
+            raise
+        self._session = session
+        self.info = RuntimeInfo(
+            version=str(reply.get("version", "")),
+            profile=str(reply.get("profile", "")),
+            driver_version=_opt_str(reply.get("driver_version")),
+            platform=_opt_str(reply.get("platform")),
+            max_context_limit=_opt_int(reply.get("max_context_limit")),
+            pid=_opt_int(reply.get("pid")),
+        )
+        return self.info
+
+    async def _handshake(self, session: _Session, spec: InitSpec) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
+        except TimeoutError as err:
+            raise EngineUnavailableError(
+                f"the rkllm worker ({self.location.describe()}) did not answer within {self.connect_timeout_s:g}s"
+            ) from err
+        # No timeout: loading a model takes from seconds to minutes; a dying worker still ends the wait.
+        return await self._request(
+            session,
+            protocol.OP_INIT,
+            {
+                "library_path": spec.library_path,
+                "model_path": spec.model_path,
+                "profile": spec.profile,
+                "params": spec.params,
+            },
+        )
+
+    async def _spawn_local(self) -> _Session:
+        parent_sock, child_sock = socket.socketpair()
+        env = {**os.environ, **self._env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH", "")) if p)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self._python,
+                "-m",
+                WORKER_MODULE,
+                "--fd",
+                str(child_sock.fileno()),
+                "--parent-pid",
+                str(os.getpid()),
+                pass_fds=(child_sock.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+        except OSError as err:
+            parent_sock.close()
+            raise EngineUnavailableError(f"cannot start the rkllm worker with {self._python}: {err}") from err
+        finally:
+            child_sock.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+        except OSError as err:
+            process.kill()
+            await process.wait()
+            raise EngineUnavailableError(f"cannot talk to the rkllm worker: {err}") from err
+        session = _Session(reader, writer, process)
+        if process.stderr is not None:
+            session.stderr_task = asyncio.get_running_loop().create_task(self._stderr_loop(process.stderr))
+        return session
+
+    async def _connect_remote(self) -> _Session:
+        where = self.location.describe()
+        if not self.location.secret:
+            raise EngineUnavailableError(f"remote rkllm worker {where} needs a shared secret; none is configured")
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(self.location.host, self.location.port)
+        except TimeoutError as err:
+            raise EngineUnavailableError(
+                f"remote rkllm worker {where} did not accept a connection within {self.connect_timeout_s:g}s"
+            ) from err
+        except ConnectionRefusedError as err:
+            raise EngineUnavailableError(
+                f"remote rkllm worker {where} refused the connection (is the worker running and listening there?)"
+            ) from err
+        except OSError as err:
+            raise EngineUnavailableError(f"cannot reach remote rkllm worker {where}: {err.strerror or err}") from err
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._authenticate(reader, writer, where)
+        except BaseException as err:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            if isinstance(err, TimeoutError):
+                raise EngineUnavailableError(f"remote rkllm worker {where} did not complete the handshake") from err
+            if isinstance(err, (OSError, protocol.ProtocolError)):
+                raise EngineUnavailableError(f"remote rkllm worker {where} broke the handshake: {err}") from err
+            raise
+        return _Session(reader, writer, None)
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> None:
+        challenge = await protocol.read_frame(reader)
+        if challenge is not None and challenge.get("ev") == protocol.EV_BUSY:
+            raise EngineUnavailableError(f"remote rkllm worker {where} is busy: another client is connected")
+        if (
+            challenge is None
+            or challenge.get("ev") != protocol.EV_CHALLENGE
+            or not isinstance(challenge.get("nonce"), str)
+        ):
+            raise EngineUnavailableError(f"remote rkllm worker {where} did not send an authentication challenge")
+        mac = protocol.compute_mac(self.location.secret or "", challenge["nonce"])
+        protocol.write_frame(writer, {"op": protocol.OP_AUTH, "mac": mac})
+        await writer.drain()
+        answer = await protocol.read_frame(reader)
+        if answer is None or answer.get("ev") == protocol.EV_AUTH_FAILED:
+            raise EngineUnavailableError(f"remote rkllm worker {where} refused the secret")
+        if answer.get("ev") != protocol.EV_AUTH_OK:
+            raise EngineUnavailableError(f"remote rkllm worker {where} answered {answer.get('ev')!r} to the secret")
+
+    # -- internals: reading -----------------------------------------------
+
+    async def _request(self, session: _Session, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        request_id = next(self._request_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        session.pending[request_id] = future
+        try:
+            session.send(protocol.request(op, request_id, **args))
+            await session.writer.drain()
+            reply = await future
+        finally:
+            session.pending.pop(request_id, None)
+        if not reply.get("ok"):
+            error = reply.get("error")
+            raise _error_from_reply(error if isinstance(error, dict) else {}, op)
+        return {key: value for key, value in reply.items() if key not in ("ev", "id", "ok")}
+
+    async def _read_loop(self, session: _Session) -> None:
+        problem: str | None = None
+        try:
+            while True:
+                message = await protocol.read_frame(session.reader)
+                if message is None:
+                    break
+                self._dispatch(session, message)
+        except protocol.ProtocolError as err:
+            problem = f"protocol error: {err}"
+        except (ConnectionError, OSError) as err:
+            problem = f"connection error: {err}"
+        session.closed.set()
+        self._spawn(self._connection_lost(session, problem))
+
+    def _dispatch(self, session: _Session, message: dict[str, Any]) -> None:
+        event = message.get("ev")
+        if event == protocol.EV_REPLY:
+            future = session.pending.get(message.get("id", -1))
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif event == protocol.EV_TEXT:
+            stream = session.streams.get(message.get("run", -1))
+            if stream is not None:  # events of finished or aborted runs are dropped
+                for text, token in protocol.text_pieces(message):
+                    stream._deliver(TextPiece(text, token))
+        elif event == protocol.EV_FINISH:
+            stream = session.streams.get(message.get("run", -1))
+            if stream is not None:
+                finished = RunFinished(
+                    perf=_perf_from_dict(message.get("perf")),
+                    aborted=bool(message.get("aborted")),
+                    paused=bool(message.get("paused")),
+                )
+                self._failures.clear()  # a completed run ends a crash streak
+                stream._finish(finished)
+        elif event == protocol.EV_RUN_ERROR:
+            stream = session.streams.get(message.get("run", -1))
+            if stream is not None:
+                stream._fail(_error_from_reply(message, "run"))
+        elif event == protocol.EV_LOG:
+            line = message.get("line")
+            if isinstance(line, str):
+                self._add_log(line)
+
+    async def _stderr_loop(self, stderr: asyncio.StreamReader) -> None:
+        """The worker's own fatal messages (and faulthandler dumps) arrive on its original stderr."""
+        while True:
+            try:
+                raw = await stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._add_log(line)
+
+    # -- internals: runs ----------------------------------------------------
+
+    async def _acquire_slot(self, stream: RunStream) -> None:
+        await self._slot.acquire()
+
+    def _release_slot(self, stream: RunStream) -> None:
+        if self._slot.locked():
+            self._slot.release()
+
+    def _submit_run(self, stream: RunStream) -> None:
+        session = self._ready_session()
+        request_id = next(self._request_ids)
+        stream._session = session
+        stream._log_mark = self._log_count
+        session.streams[stream.run_id] = stream
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        session.pending[request_id] = future
+
+        def on_reply(done: asyncio.Future[dict[str, Any]]) -> None:
+            session.pending.pop(request_id, None)
+            if done.cancelled() or done.exception() is not None:
+                return
+            reply = done.result()
+            if not reply.get("ok"):
+                error = reply.get("error")
+                stream._fail(_error_from_reply(error if isinstance(error, dict) else {}, "run"))
+
+        future.add_done_callback(on_reply)
+        session.send(protocol.request(protocol.OP_RUN, request_id, **stream._request))
+
+    async def _abort_run(self, stream: RunStream) -> None:
+        session = stream._session
+        if session is None:
+            return
+        grace = self.abort_grace_s
+        args: dict[str, Any] = {"run": stream.run_id}
+        if self.location.remote:
+            # The remote worker exits itself if it cannot stop the run; a little later than our own watchdog,
+            # so the caller learns the cause from us rather than from a dropped connection.
+            args["grace_s"] = grace + REMOTE_GRACE_MARGIN_S
+        with contextlib.suppress(EngineError, OSError):
+            session.send(protocol.request(protocol.OP_ABORT, next(self._request_ids), **args))
+        if await stream._wait_done(grace):
+            return
+        await self._kill(session, f"the rkllm worker did not honour abort within {grace:g}s; worker killed; restarting")
+        await stream._wait_done(EXIT_WAIT_S + 1.0)
+
+    async def _kill(self, session: _Session, reason: str) -> None:
+        """Watchdog: end a hung worker.
+
+        Local: SIGKILL. Remote: drop the connection; the abort carried `grace_s`, so the remote worker enforces
+        the same grace itself and exits, and its service manager (systemd `Restart=always`) starts a fresh one.
+        """
+        if session.closed.is_set():
+            return
+        session.kill_reason = reason
+        if session.process is not None and session.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                session.process.kill()
+        else:
+            session.writer.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_WAIT_S + 1.0):
+                await session.closed.wait()
+
+    # -- internals: supervision -------------------------------------------
+
+    async def _connection_lost(self, session: _Session, problem: str | None) -> None:
+        """Turn a dead connection into errors for everyone waiting, then restart unless we are stopping."""
+        exit_text = await self._reap(session)
+        in_flight = bool(session.streams)
+        if session.intentional or self._stopping:
+            self._fail_waiters(session, EngineUnavailableError("the rkllm worker was stopped"))
+            return
+        launching = self._session is not session
+        if session.kill_reason is not None:
+            message = session.kill_reason
+        elif launching:
+            lines = list(self._recent_log)
+            last_line = logparse.last_problem_line(lines)
+            message = f"the rkllm worker ({self.location.describe()}) ended while starting ({exit_text})"
+            if last_line:
+                message += f": {last_line}"
+        else:
+            marks = [stream._log_mark for stream in session.streams.values()]
+            lines = self._lines_since(min(marks)) if marks else list(self._recent_log)
+            last_line = logparse.last_problem_line(lines)
+            if self.location.remote:
+                what = f"remote rkllm worker {self.location.describe()} closed the connection"
+                what += f" ({problem})" if problem else ""
+                message = f"the {what}{' during generation' if in_flight else ''}; reconnecting"
+            else:
+                during = " during generation" if in_flight else ""
+                message = f"the rkllm worker crashed ({exit_text}){during}; restarting"
+            if last_line:
+                message += f" (last runtime line: {last_line})"
+        self.last_error = message
+        self._fail_waiters(session, WorkerCrashedError(message))
+        if launching:
+            return  # _launch's caller reports it
+        self._session = None
+        self._record_failure()
+        if self.state == WorkerState.RESTARTING:
+            self._schedule_restart()
+
+    async def _reap(self, session: _Session) -> str:
+        """Wait for the process to exit (kill it if it lingers) and say how it ended."""
+        with contextlib.suppress(OSError):
+            session.writer.close()
+        process = session.process
+        if process is None:
+            return "connection closed"
+        try:
+            async with asyncio.timeout(EXIT_WAIT_S):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            return f"closed its control channel; killed ({describe_exit(process.returncode)})"
+        if session.stderr_task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(session.stderr_task)
+        return describe_exit(process.returncode)
+
+    def _fail_waiters(self, session: _Session, error: EngineError) -> None:
+        for future in list(session.pending.values()):
+            if not future.done():
+                future.set_exception(error)
+        session.pending.clear()
+        for stream in list(session.streams.values()):
+            stream._fail(error)
+
+    def _prune_failures(self) -> None:
+        horizon = time.monotonic() - self._failure_window_s
+        while self._failures and self._failures[0] < horizon:
+            self._failures.popleft()
+
+    def _record_failure(self) -> None:
+        self._failures.append(time.monotonic())
+        self._prune_failures()
+        if len(self._failures) >= self._max_failures:
+            self._set_state(WorkerState.FAILED)
+        else:
+            self._set_state(WorkerState.RESTARTING)
+
+    def _schedule_restart(self) -> None:
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart_loop())
+
+    async def _restart_loop(self) -> None:
+        """Relaunch with growing backoff until it works or the failures make the state FAILED (terminal)."""
+        while not self._stopping and self.state == WorkerState.RESTARTING:
+            failures = max(1, len(self._failures))
+            await asyncio.sleep(self._backoff[min(failures - 1, len(self._backoff) - 1)])
+            spec = self._spec
+            if spec is None or self._stopping:
+                return
+            try:
+                await self._launch(spec)
+            except EngineError as err:
+                self.last_error = f"restart failed: {err}"
+                self._record_failure()
+                continue
+            self.restarts += 1
+            self._set_state(WorkerState.READY)
+            return
+
+    async def _close_session(self, *, kill: bool) -> None:
+        """Close the current session, if any."""
+        session, self._session = self._session, None
+        if session is not None:
+            await self._close(session, kill=kill)
+
+    async def _close(self, session: _Session, *, kill: bool) -> None:
+        """Close a session and wait for its process and tasks; no leftovers."""
+        session.intentional = True
+        process = session.process
+        if kill and process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        if process is not None:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        session.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await session.writer.wait_closed()
+        for task in (session.reader_task, session.stderr_task):
+            if task is not None and not task.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(task)
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        self._fail_waiters(session, EngineUnavailableError("the rkllm worker was stopped"))
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
