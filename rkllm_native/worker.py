@@ -4,6 +4,10 @@ A native crash in librkllmrt must not take Home Assistant down (DESIGN.md decisi
 the runtime on a glibc machine (decision 3), so the handle lives here: locally on an inherited socketpair
 (`--fd N`) or remotely on TCP (`--listen HOST:PORT --secret-file FILE`). Run it as
 `python -m rkllm_native.worker`.
+
+Remote deployment: run it under a service manager that restarts it (systemd `Restart=always`). A run that ignores
+abort past its grace (the client's `abort_grace_s` plus a margin, or `--abort-grace` when the client vanished)
+makes the worker exit with code 75, because only a fresh process gives a clean runtime handle.
 """
 
 from __future__ import annotations
