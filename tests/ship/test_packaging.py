@@ -8,13 +8,19 @@ not take away, and Python syntax the board's interpreter understands.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
+from rkllm_engine.types import ChatMessage, ChatRequest
 from tests.conftest import REPO_ROOT
 
 PACKAGING = REPO_ROOT / "packaging"
@@ -162,3 +168,60 @@ def test_native_package_parses_on_the_boards_python() -> None:
     # The worker runs on the board's python3 (Ubuntu 24.04: 3.12; Armbian/Debian bookworm: 3.11), not HA's 3.13.
     for path in sorted((REPO_ROOT / "rkllm_native").glob("*.py")):
         ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 11))
+
+
+@pytest.fixture
+def opt_rkllm(tmp_path: Path) -> Path:
+    """/opt/rkllm as the README installs it on a board: only the rkllm_native sources, emulator built there."""
+    opt = tmp_path / "opt" / "rkllm"
+    shutil.copytree(
+        REPO_ROOT / "rkllm_native",
+        opt / "rkllm_native",
+        ignore=shutil.ignore_patterns("build", "__pycache__", "*.pyc"),
+    )
+    build = subprocess.run(
+        [sys.executable, "-P", "-c", "from rkllm_native.build import emulator_library; emulator_library('v12x')"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(opt)},
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    return opt
+
+
+async def test_worker_installed_like_the_unit_serves_a_remote_engine(
+    opt_rkllm: Path, tmp_path: Path, socket_enabled: None
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("a long shared secret\n", encoding="utf-8")
+    native = opt_rkllm / "rkllm_native"
+    # The unit's command line and PYTHONPATH, on a loopback port chosen by the kernel.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", *WORKER_MODULE, "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(opt_rkllm), "RKLLM_EMULATOR_SPEED": "50"},
+        cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        banner = (await asyncio.wait_for(process.stderr.readline(), 15)).decode()
+        assert banner.startswith("rkllm-worker: listening on 127.0.0.1:"), banner
+        port = int(banner.split("127.0.0.1:")[1].split()[0])
+        engine = Engine(
+            EngineConfig(
+                library_path=str(native / "emulator/build/librkllmrt-emu-v12x.so"),
+                model_path=str(native / "emulator/models/qwen2-0.5b-chat.model"),
+                worker=WorkerLocation(host="127.0.0.1", port=port, secret="a long shared secret"),
+            )
+        )
+        await engine.start()
+        try:
+            text, _finished = await engine.submit(ChatRequest(messages=[ChatMessage("user", "hello")])).collect()
+        finally:
+            await engine.stop()
+        assert text == "Hello! I am a small chat model running on the RKLLM emulator."
+        assert process.returncode is None  # a client leaving does not stop the service
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        await process.stderr.read()
