@@ -50,7 +50,6 @@ import platform
 import re
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -898,22 +897,22 @@ class Options:
 
 
 class _CollectingSink:
-    """RunSink that keeps the text, the first-text time and the perf counters; can request one abort."""
+    """RunSink that keeps the text, the first-text time and the perf counters; can abort at the first text."""
 
-    def __init__(self, started: float, abort_after_first_text: threading.Event | None) -> None:
-        self.started = started
+    def __init__(self, abort: Callable[[], None] | None) -> None:
         self.pieces: list[str] = []
         self.first_text_at: float | None = None
+        self.abort_at: float | None = None
         self.perf: PerfStat | None = None
         self.error: str | None = None
-        self._first_text = abort_after_first_text
+        self._abort = abort
 
     def on_text(self, text: str, token_id: int) -> bool:
         if self.first_text_at is None:
             self.first_text_at = time.monotonic()
-            if self._first_text is not None:
-                # The binding holds the run's lock during this call, so the abort comes from another thread.
-                self._first_text.set()
+            if self._abort is not None:
+                self.abort_at = self.first_text_at
+                self._abort()  # the binding allows Runtime.abort() from the sink
         self.pieces.append(text)
         return False
 
@@ -1124,35 +1123,14 @@ class SelfCheck:
         """One rkllm_run with its measurements; raises RkllmError when the runtime refuses it."""
         runtime = self.require_runtime()
         kv_before = runtime.get_kv_cache_size()[0]
-        first_text = threading.Event() if abort_after_first_text else None
-        run_done = threading.Event()
-        abort_at: list[float] = []
-
-        def abort_when_text_arrives() -> None:
-            if first_text is None:
-                return
-            while not run_done.is_set():
-                if first_text.wait(0.01):
-                    abort_at.append(time.monotonic())
-                    runtime.abort()
-                    return
-
-        aborter = threading.Thread(target=abort_when_text_arrives, name="selfcheck-abort", daemon=True)
+        sink = _CollectingSink(runtime.abort if abort_after_first_text else None)
         started = time.monotonic()
-        sink = _CollectingSink(started, first_text)
-        if first_text is not None:
-            aborter.start()
-        try:
-            outcome = runtime.run(
-                RunInput(role=role, text=text, enable_thinking=enable_thinking),
-                RunOptions(keep_history=keep_history, max_new_tokens=max_new_tokens),
-                sink,
-            )
-        finally:
-            ended = time.monotonic()
-            run_done.set()
-            if first_text is not None:
-                aborter.join(timeout=30)
+        outcome = runtime.run(
+            RunInput(role=role, text=text, enable_thinking=enable_thinking),
+            RunOptions(keep_history=keep_history, max_new_tokens=max_new_tokens),
+            sink,
+        )
+        ended = time.monotonic()
         perf = outcome.perf
         return RunMeasurement(
             text="".join(sink.pieces),
@@ -1168,7 +1146,7 @@ class SelfCheck:
             finished=perf is not None,
             aborted=outcome.aborted,
             error=outcome.error or sink.error,
-            abort_latency_ms=(ended - abort_at[0]) * 1000.0 if abort_at else None,
+            abort_latency_ms=None if sink.abort_at is None else (ended - sink.abort_at) * 1000.0,
         )
 
     def benchmark(self) -> None:
