@@ -709,7 +709,7 @@ def evaluate_abort(aborted: RunMeasurement) -> CheckResult:
     if not aborted.aborted:
         detail = "the run ended before the abort took effect"
         return CheckResult("a8_abort_partial_turn", 8, title, "UNKNOWN", detail, measurements)
-    latency = "" if aborted.abort_latency_ms is None else f"; the abort took {aborted.abort_latency_ms:.0f} ms"
+    latency = "" if aborted.abort_latency_ms is None else f"; the abort took {aborted.abort_latency_ms:.1f} ms"
     if aborted.kv_after > aborted.kv_before:
         detail = f"KV {aborted.kv_before} → {aborted.kv_after} after the abort (the engine resets anyway){latency}"
         return CheckResult("a8_abort_partial_turn", 8, title, "PASS", detail, measurements)
