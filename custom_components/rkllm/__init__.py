@@ -13,7 +13,6 @@ from . import vendor  # noqa: F401
 # isort: split
 
 import asyncio
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import slugify
+from homeassistant.util.hass_dict import HassKey
 
 from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
 from rkllm_engine.types import EngineError, InvalidRequestError
@@ -62,8 +62,10 @@ from .data import RkllmConfigEntry, RkllmRuntimeData
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
-# The runtime prints this when a model converted for another SoC is loaded (rkllm-runtime.md §7, Appendix A).
+# [Inf] The runtime prints this when a model converted for another SoC is loaded; seen as a string in the library,
+# not observed on a board (rkllm-runtime.md §7, Appendix A).
 _PLATFORM_MISMATCH_LOG = "target_platform does not match"
+DATA_ENGINE_SETTINGS: HassKey[dict[str, dict[str, Any]]] = HassKey(f"{DOMAIN}_engine_settings")
 REMOTE_BUSY_RETRIES = 5
 REMOTE_BUSY_RETRY_DELAY_S = 0.2
 
@@ -154,8 +156,8 @@ def _is_permanent_start_failure(err: EngineError) -> bool:
     """Whether retrying cannot help: the runtime itself refused the library or model at init.
 
     The worker reports an init failure with the runtime's own `E rkllm:` line in the message; spawn, connect and
-    handshake failures carry none and are worth retrying. Running out of NPU memory is transient (another
-    process may free it), so it is retried too (rkllm-runtime.md §8 item 9).
+    handshake failures carry none and are worth retrying. [Inf] Running out of NPU memory ("failed to malloc npu
+    memory") is treated as transient, since another process may free it (rkllm-runtime.md §8 item 9).
     """
     message = str(err)
     return isinstance(err, InvalidRequestError) or ("E rkllm" in message and "malloc" not in message)
@@ -269,21 +271,24 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _async_stop_engine_on_shutdown))
     LOGGER.debug(
-        "rkllm engine for %s ready (runtime %s, ABI %s, pid %s)",
+        "rkllm engine for %s ready (runtime %s, ABI %s, worker %s)",
         config.model_path,
         metrics.runtime_version,
         metrics.abi_profile,
-        os.getpid(),
+        config.worker.describe(),
     )
     return True
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> bool:
-    """Unload the platforms, then stop the engine (no worker process, thread or task is left)."""
+    """Unload the platforms, then stop the engine (no worker process, thread or task is left).
+
+    Returns a bool, never None (2025.4 treats None as a failure). The engine is stopped even if a platform
+    failed to unload: a worker holding NPU memory must never outlive its entry.
+    """
     unloaded = await hass.config_entries.async_unload_platforms(entry, entry_platforms())
-    if unloaded:
-        _engine_data_by_entry(hass).pop(entry.entry_id, None)
-        await entry.runtime_data.engine.stop()
+    _engine_data_by_entry(hass).pop(entry.entry_id, None)
+    await entry.runtime_data.engine.stop()
     return unloaded
 
 
@@ -296,8 +301,7 @@ async def async_remove_entry(hass: HomeAssistant, entry: ConfigEntry) -> None:
 
 def _engine_data_by_entry(hass: HomeAssistant) -> dict[str, dict[str, Any]]:
     """The entry data each running engine was started with, to tell engine changes from agent changes."""
-    stored: dict[str, dict[str, Any]] = hass.data.setdefault(f"{DOMAIN}_engine_data", {})
-    return stored
+    return hass.data.setdefault(DATA_ENGINE_SETTINGS, {})
 
 
 async def _async_entry_updated(hass: HomeAssistant, entry: RkllmConfigEntry) -> None:
