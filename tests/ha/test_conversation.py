@@ -27,7 +27,18 @@ from custom_components.rkllm.entity import (
     split_dynamic_context,
     trim_history,
 )
-from rkllm_engine.types import ChatMessage, ChatRequest, ToolCall
+from rkllm_engine.types import (
+    ChatMessage,
+    ChatRequest,
+    ContextOverflowError,
+    EngineError,
+    EngineUnavailableError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+    ToolCall,
+    WorkerCrashedError,
+)
 from tests.ha.conftest import ASSIST_MODEL, KITCHEN_LIGHT, REPO_ROOT, conversation_subentry, entry_data
 
 AGENT = "conversation.assist_on_npu"
@@ -492,3 +503,23 @@ async def test_agent_model_engine_errors_carry_their_code(hass: HomeAssistant, l
             hass, model.entity_id, [ChatMessage(role="user", content="hi")], context=Context(), on_delta=print
         )
     assert caught.value.code == "unavailable"
+
+
+def test_every_engine_error_has_a_translated_sentence() -> None:
+    """Queue full, unavailable, crash, overflow, failure: each engine code maps to its own exception text."""
+    strings = json.loads((REPO_ROOT / "custom_components" / "rkllm" / "strings.json").read_text())["exceptions"]
+    busy = EngineTurnError(QueueFullError("8 requests are waiting", retry_after_s=3.0))
+    assert (busy.code, busy.translation_key, busy.retry_after_s) == ("queue_full", "queue_full", 3.0)
+    cases = {
+        EngineUnavailableError("loading"): "unavailable",
+        WorkerCrashedError("signal 11"): "worker_crashed",
+        ContextOverflowError("4100 > 4096"): "context_length_exceeded",
+        GenerationError("ERROR state"): "generation_error",
+        InvalidRequestError("bad tool"): "invalid_request",
+        EngineError("something new"): "generation_error",
+    }
+    for error, key in cases.items():
+        turn_error = EngineTurnError(error)
+        assert turn_error.translation_key == key
+        assert turn_error.engine_error is error
+        assert key in strings
