@@ -29,6 +29,7 @@ from .const import (
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    LOGGER,
 )
 from .data import RkllmConfigEntry
 
@@ -209,10 +210,12 @@ class EngineIssueTracker:
         self._restarts_at_last_success = metrics.restarts
         self._requests_served = metrics.requests_served
         self._cancel_recheck: CALLBACK_TYPE | None = None
+        self._available = True  # tracking starts once setup has loaded the model
 
     @callback
     def evaluate(self, metrics: EngineMetrics) -> None:
         """Re-check every engine-driven issue against one snapshot (the engine's listener)."""
+        self._log_availability(metrics)
         self._check_init_log(metrics)
         self._check_crash_loop(metrics)
         if metrics.state in RECHECK_STATES:
@@ -232,6 +235,22 @@ class EngineIssueTracker:
         if self._cancel_recheck is not None:
             self._cancel_recheck()
             self._cancel_recheck = None
+
+    def _log_availability(self, metrics: EngineMetrics) -> None:
+        """Log once when the engine stops serving (crash, failed restart) and once when it serves again."""
+        if metrics.state is EngineState.STOPPED:
+            return  # a deliberate stop (unload) is not an outage
+        available = metrics.state in LOADED_STATES
+        if self._available and not available:
+            LOGGER.warning(
+                "The NPU engine of %s is unavailable (%s): %s",
+                self._title,
+                metrics.state.value,
+                metrics.last_error or "no reason reported",
+            )
+        elif available and not self._available:
+            LOGGER.info("The NPU engine of %s is available again", self._title)
+        self._available = available
 
     def _latest_init_lines(self) -> list[str] | None:
         """Lines printed since the last init began; None when the ring no longer holds that init."""

@@ -287,6 +287,29 @@ async def test_crash_loop_fix_flow_restarts_the_engine(
         await unload(hass, entry)
 
 
+async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    hass: HomeAssistant, emulator_lib: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = write_model(tmp_path / "crashing.model", *CRASHING_MODEL)
+    entry = await setup_entry(hass, emulator_lib, model)
+    try:
+        engine = entry.runtime_data.engine
+        await crash_the_worker(engine)
+        await wait_for_metrics(engine, lambda metrics: metrics.state is EngineState.IDLE)
+        await crash_the_worker(engine)
+        await wait_for_metrics(engine, lambda metrics: metrics.state is EngineState.IDLE)
+    finally:
+        await unload(hass, entry)
+
+    messages = [record.getMessage() for record in caplog.records if record.name == "custom_components.rkllm"]
+    outages = [message for message in messages if "is unavailable" in message]
+    recoveries = [message for message in messages if "is available again" in message]
+    # One warning per outage (not one per metric change while it lasts), naming the cause; none for the unload.
+    assert len(outages) == 2
+    assert outages[0].startswith("The NPU engine of board is unavailable (loading): the rkllm worker crashed")
+    assert recoveries == ["The NPU engine of board is available again"] * 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Library problems found at setup
 # ---------------------------------------------------------------------------------------------------------------
