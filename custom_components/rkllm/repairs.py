@@ -66,8 +66,9 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
 }
 
-# Formats from rkllm-runtime.md Appendix A. The version line opens every rkllm_init, so the lines after the
-# last one belong to the runtime that is loaded now (or that just failed to load).
+# Formats from the strings of librkllmrt (rkllm-runtime.md Appendix A). [Inf] The version line opens every
+# rkllm_init (rkllm-runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded
+# now (or that just failed to load).
 _INIT_VERSION_LINE = re.compile(
     r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
     r"(?:\s*,\s*platform:\s*(?P<platform>\S+))?"
@@ -271,7 +272,7 @@ class EngineIssueTracker:
         loaded = metrics.state in LOADED_STATES
 
         if loaded:
-            # The model initialised, so its target platform matches this SoC.
+            # [Inf] A platform mismatch makes rkllm_init fail (rkllm-runtime.md §7), so a loaded model matches this SoC.
             _async_delete_issue(self._hass, self._entry_id, ISSUE_MODEL_PLATFORM_MISMATCH)
         elif init.platform_mismatch:
             _async_create_issue(
