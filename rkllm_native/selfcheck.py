@@ -1505,12 +1505,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"selfcheck: error: {err}", file=sys.stderr)
         return 2
+    status = int(report["exit_status"])
+    if status == 2 and report["errors"]:
+        # Nothing was measured: the one line that names the problem (the JSON report has the rest).
+        print(f"selfcheck: error: {report['errors'][0]}", file=sys.stderr)
+        return status
     print(format_report(report))
     if options.json_path is not None:
         print(f"\nreport written to {options.json_path}")
-    status = int(report["exit_status"])
-    if report["errors"] and status == 2:
-        print(f"selfcheck: error: {report['errors'][0]}", file=sys.stderr)
     return status
 
 

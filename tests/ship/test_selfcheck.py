@@ -166,6 +166,7 @@ def test_a_missing_library_is_one_error_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"selfcheck: error: librkllmrt not found at {tmp_path / 'librkllmrt.so'}: no such file"
     )
+    assert result.stdout == ""
     assert "Traceback" not in result.stderr
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert report["exit_status"] == 2
