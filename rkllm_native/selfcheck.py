@@ -25,11 +25,13 @@ JSON report, schema 1 (keys are stable; a new key may be added without a schema 
     driver: {version, source, sysfs_version, sysfs_note, platform, minimum}
     model: {path, size_bytes, class, class_key, class_source, toolkit_version, max_context_limit, target_platform,
             npu_core_num}
-    settings: {context_length, max_new_tokens, cpu_cores, cpu_mask}
+    settings: {context_length, max_new_tokens, cpu_cores, cpu_mask, rkllm_log_level}
     performance: {load_time_ms, prompt_tokens, ttft_ms, prefill_time_ms, prefill_tokens_per_s, generate_tokens,
                   generate_time_ms, decode_tokens_per_s, memory_usage_mb,
                   reference: null | {model_class, platform, dtype, source, ttft_ms, prefill_tokens_per_s,
-                                     decode_tokens_per_s, memory_mb, speed_factor}}
+                                     decode_tokens_per_s, memory_mb, speed_factor},
+                  cold_system_prompt_prefill, warm_turn_prefill: {prefill_tokens, prefill_time_ms,
+                                     generate_tokens, kv_before, kv_after}}
     checks: [{id, assumption (HISTORY.md number or null), title, status: PASS|FAIL|UNKNOWN, detail, measurements}]
     runtime_log: [str]  (every line the runtime printed)
 
