@@ -76,6 +76,11 @@ def checks_by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_report_schema_and_identity(emulator_report: tuple[str, dict[str, Any], str]) -> None:
     profile, report, _ = emulator_report
     assert report["schema"] == 1
+    assert set(report) == {
+        "schema", "tool", "created_at", "mode", "exit_status", "errors", "host", "library", "driver", "model",
+        "settings", "performance", "checks", "runtime_log",
+    }  # fmt: skip
+    assert set(report["settings"]) == {"context_length", "max_new_tokens", "cpu_cores", "cpu_mask", "rkllm_log_level"}
     assert report["tool"] == "rkllm_native.selfcheck"
     assert report["mode"] == "in-process"
     assert report["errors"] == []
