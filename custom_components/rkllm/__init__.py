@@ -59,6 +59,7 @@ from .const import (
     WORKER_REMOTE,
 )
 from .data import RkllmConfigEntry, RkllmRuntimeData
+from .http import async_register_views
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
@@ -72,8 +73,6 @@ REMOTE_BUSY_RETRY_DELAY_S = 0.2
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Set up the integration itself; per-process things (HTTP views) are registered here, once."""
-    from .http import async_register_views
-
     async_register_views(hass)
     return True
 

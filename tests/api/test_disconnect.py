@@ -1,0 +1,100 @@
+"""A client that goes away must not keep the single NPU slot: its generation is aborted or dequeued at once.
+
+The "long story" answer takes ~2.5 s to generate in full (512 tokens at 200 tokens/s); every check below expects
+the slot back well before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from rkllm_engine.engine import Engine
+from rkllm_engine.types import ChatMessage, ChatRequest, EngineState
+
+from .conftest import MODEL_ID, ApiServer, runtime_of
+
+LONG_STORY_BODY = {"model": MODEL_ID, "messages": [{"role": "user", "content": "tell me a long story"}]}
+NATURAL_END_S = 2.5
+FREED_WITHIN_S = 1.0
+
+
+async def wait_until(condition: Any, limit_s: float) -> float:
+    """Seconds until `condition()` holds; fails after `limit_s`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not condition():
+        assert loop.time() - start < limit_s, f"condition not met within {limit_s} s"
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+def is_idle(engine: Engine) -> bool:
+    metrics = engine.metrics
+    return metrics.state is EngineState.IDLE and metrics.queue_depth == 0
+
+
+async def assert_next_request_is_served(api: ApiServer) -> None:
+    response = await api.client.post(
+        "/v1/chat/completions",
+        headers=api.auth(),
+        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Are you still there?"}]},
+    )
+    assert response.status == 200
+    assert (await response.json())["choices"][0]["message"]["content"] == "You said: Are you still there?"
+
+
+async def test_disconnect_mid_stream_aborts_the_generation(loaded_entry: Any, api: ApiServer) -> None:
+    engine = runtime_of(loaded_entry).engine
+    served_before = engine.metrics.requests_served
+    response = await api.client.post(
+        "/v1/chat/completions", headers=api.auth(), json={**LONG_STORY_BODY, "stream": True}
+    )
+    assert response.status == 200
+    contents = 0
+    while contents < 5:
+        line = (await response.content.readline()).decode()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            contents += 1
+    assert engine.metrics.state is EngineState.GENERATING
+    response.close()  # the client goes away mid-stream
+
+    freed_after = await wait_until(lambda: is_idle(engine), FREED_WITHIN_S)
+    assert freed_after < NATURAL_END_S
+    await assert_next_request_is_served(api)
+    assert engine.metrics.requests_served > served_before
+
+
+async def test_disconnect_of_a_plain_request_aborts_the_generation(loaded_entry: Any, api: ApiServer) -> None:
+    engine = runtime_of(loaded_entry).engine
+    request = asyncio.ensure_future(api.client.post("/v1/chat/completions", headers=api.auth(), json=LONG_STORY_BODY))
+    await wait_until(lambda: engine.metrics.state is EngineState.GENERATING, 2.0)
+    request.cancel()  # closes the connection before any response byte
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+
+    await wait_until(lambda: is_idle(engine), FREED_WITHIN_S)
+    await assert_next_request_is_served(api)
+
+
+async def test_disconnect_while_queued_leaves_the_queue(loaded_entry: Any, api: ApiServer) -> None:
+    engine = runtime_of(loaded_entry).engine
+    running = engine.submit(ChatRequest(messages=[ChatMessage(role="user", content="tell me a long story")]))
+    try:
+        await anext(running)
+        request = asyncio.ensure_future(
+            api.client.post("/v1/chat/completions", headers=api.auth(), json={**LONG_STORY_BODY, "stream": True})
+        )
+        await wait_until(lambda: engine.metrics.queue_depth == 1, 2.0)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await wait_until(lambda: engine.metrics.queue_depth == 0, FREED_WITHIN_S)
+        # The running generation is not disturbed by the queued client leaving.
+        assert engine.metrics.state is EngineState.GENERATING
+    finally:
+        await running.cancel()
+    await wait_until(lambda: is_idle(engine), FREED_WITHIN_S)
+    await assert_next_request_is_served(api)
