@@ -1,5 +1,10 @@
 """The engine: requests in, events out; no Home Assistant imports (docs/CONTRACT.md)."""
 
+from rkllm_engine.engine import Engine as Engine
+from rkllm_engine.engine import EngineConfig as EngineConfig
+from rkllm_engine.engine import Generation as Generation
+from rkllm_engine.engine import WorkerLocation as WorkerLocation
+from rkllm_engine.engine import default_cpu_mask as default_cpu_mask
 from rkllm_engine.output import OutputParser as OutputParser
 from rkllm_engine.output import ParseResult as ParseResult
 from rkllm_engine.output import new_tool_call_id as new_tool_call_id
@@ -12,6 +17,9 @@ from rkllm_engine.prompting import RunTurn as RunTurn
 from rkllm_engine.prompting import SetChatTemplate as SetChatTemplate
 from rkllm_engine.prompting import SetFunctionTools as SetFunctionTools
 from rkllm_engine.prompting import template_family as template_family
+from rkllm_engine.scheduler import Scheduler as Scheduler
+from rkllm_engine.scheduler import Ticket as Ticket
+from rkllm_engine.scheduler import TicketState as TicketState
 from rkllm_engine.types import ChatMessage as ChatMessage
 from rkllm_engine.types import ChatRequest as ChatRequest
 from rkllm_engine.types import CompletionRequest as CompletionRequest
