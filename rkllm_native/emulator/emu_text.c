@@ -150,19 +150,24 @@ int emu_tools_parse(const char *json, emu_toollist *out, char *err, size_t err_l
 
 void emu_tools_from_system_prompt(const char *system_prompt, emu_toollist *out) {
     memset(out, 0, sizeof(*out));
-    const char *start = strstr(system_prompt, "<tools>");
-    if (start == NULL) return;
-    start += strlen("<tools>");
-    const char *stop = strstr(start, "</tools>");
-    if (stop == NULL) return;
-    const char *line = start;
-    while (line < stop) {
-        const char *line_end = memchr(line, '\n', (size_t)(stop - line));
-        if (line_end == NULL) line_end = stop;
-        const char *item = emu_json_skip_ws(line, line_end);
-        const char *item_end = item < line_end && *item == '{' ? emu_json_skip_value(item, line_end) : NULL;
-        if (item_end != NULL) emu_toollist_push(out, item, (size_t)(item_end - item), emu_tool_name(item, item_end));
-        line = line_end + 1;
+    /* Scan every <tools>…</tools> block: Qwen's own wording ("within <tools></tools> XML tags") puts an
+     * empty pair before the real block, so the first pair alone is not enough. */
+    const char *cursor = system_prompt;
+    const char *start;
+    while ((start = strstr(cursor, "<tools>")) != NULL) {
+        start += strlen("<tools>");
+        const char *stop = strstr(start, "</tools>");
+        if (stop == NULL) return;
+        const char *line = start;
+        while (line < stop) {
+            const char *line_end = memchr(line, '\n', (size_t)(stop - line));
+            if (line_end == NULL) line_end = stop;
+            const char *item = emu_json_skip_ws(line, line_end);
+            const char *item_end = item < line_end && *item == '{' ? emu_json_skip_value(item, line_end) : NULL;
+            if (item_end != NULL) emu_toollist_push(out, item, (size_t)(item_end - item), emu_tool_name(item, item_end));
+            line = line_end + 1;
+        }
+        cursor = stop + strlen("</tools>");
     }
 }
 

@@ -673,6 +673,24 @@ def test_custom_template_prefill_is_continued(
     assert session.one("turn on the lamp").text.startswith("<tool_call>\n")
 
 
+def test_forced_call_finds_the_tools_in_a_qwen_system_prompt(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    """The tools come from the real block, not the empty pair in Qwen's own wording (after tools "[]")."""
+    session = sessions("v130", write_model(ASSIST_RULES))
+    assert session.set_tools("no tools", "[]") == 0
+    tool = '{"type": "function", "function": {"name": "intent__HassTurnOn", "parameters": {}}}'
+    system = (
+        "<|im_start|>system\nYou control a home.\n\n# Tools\n\nYou may call one or more functions to assist with the "
+        "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        f"{tool}\n</tools>\n<|im_end|>\n"
+    )
+    postfix = '<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{"name": "'
+    assert session.set_template(system, "<|im_start|>user\n", postfix) == 0
+    result = session.one("turn on the lamp")
+    assert result.text == 'intent__HassTurnOn", "arguments": {"name": "Kitchen Light"}}\n</tool_call>'
+
+
 def test_empty_custom_template_sends_the_raw_prompt(
     write_model: Callable[..., Path], sessions: Callable[..., Session], capfd: pytest.CaptureFixture[str]
 ) -> None:
