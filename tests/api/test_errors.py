@@ -317,6 +317,25 @@ async def test_no_loaded_model_is_503_with_retry_after(hass: HomeAssistant, serv
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_stopped_engine_is_503_with_retry_after_before_any_body(
+    loaded_entry: Any, api: ApiServer, stream: bool
+) -> None:
+    await runtime_of(loaded_entry).engine.stop()
+    response = await api.client.post(
+        "/v1/chat/completions",
+        headers=api.auth(),
+        json={"model": MODEL_ID, "messages": USER_HELLO, "stream": stream},
+    )
+    assert response.status == 503
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert_openai_error(await response.json(), error_type="unavailable_error", param=None, code="model_not_loaded")
+    health = await api.client.get("/health")
+    assert health.status == 503
+    assert (await health.json())["status"] == "unhealthy"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_prompt_longer_than_the_context_is_a_400_before_streaming(api: ApiServer, stream: bool) -> None:
     words = " ".join(f"word{number}" for number in range(6000))
     response = await api.client.post(
