@@ -130,9 +130,14 @@ def _openapi_converter() -> Callable[..., Any]:
         return cast(Callable[..., Any], module.convert)
 
 
+# Resolved at import time (HA imports integrations in an executor): importing inside the event loop is a
+# blocking call HA warns about.
+_OPENAPI_CONVERT = _openapi_converter()
+
+
 def schema_to_json_schema(schema: vol.Schema | Any, custom_serializer: Callable[[Any], Any] | None) -> dict[str, Any]:
     """Convert a voluptuous/probatio schema to a JSON-schema object (`{"type": "object", "properties": …}`)."""
-    converted = _openapi_converter()(schema, custom_serializer=custom_serializer)
+    converted = _OPENAPI_CONVERT(schema, custom_serializer=custom_serializer)
     if not isinstance(converted, dict):
         return {"type": "object", "properties": {}}
     result = dict(converted)
