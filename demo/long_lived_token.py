@@ -115,14 +115,17 @@ async def create_long_lived_token(
     return token
 
 
-async def fetch_token(args: argparse.Namespace) -> str:
-    """Log in and return a new long-lived token."""
+def resolve_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """The user to log in as: both flags, or the file scripts/develop wrote (checked before any network I/O)."""
     if args.username and args.password:
-        username, password = args.username, args.password
-    elif args.username or args.password:
+        return str(args.username), str(args.password)
+    if args.username or args.password:
         raise TokenError("pass both --username and --password, or neither (then config/.develop_user.json is used)")
-    else:
-        username, password = load_credentials(args.credentials)
+    return load_credentials(args.credentials)
+
+
+async def fetch_token(args: argparse.Namespace, username: str, password: str) -> str:
+    """Log in and return a new long-lived token."""
     base_url = args.url.rstrip("/")
     # Long-lived token names must be unique per user: a timestamp keeps repeated runs working.
     client_name = args.name or f"rkllm develop {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Home Assistant to answer")
     args = parser.parse_args(argv)
     try:
-        token = asyncio.run(fetch_token(args))
+        username, password = resolve_credentials(args)
+        token = asyncio.run(fetch_token(args, username, password))
     except TokenError as err:
         print(f"scripts/token: error: {err}", file=sys.stderr)
         return 1

@@ -162,7 +162,7 @@ async def test_develop_user_gets_a_long_lived_token_that_opens_the_api(
         lifespan_days=1,
         wait=5.0,
     )
-    token = await long_lived_token.fetch_token(args)
+    token = await long_lived_token.fetch_token(args, *long_lived_token.resolve_credentials(args))
 
     response = await client.get("/api/", headers={"Authorization": f"Bearer {token}"})
     assert response.status == 200
