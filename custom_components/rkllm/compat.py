@@ -192,6 +192,49 @@ def apis_requiring_admin(hass: HomeAssistant, api_ids: list[str]) -> list[str]:
     ]
 
 
+def _last_intent_response(
+    user_input: conversation.ConversationInput, chat_log: conversation.ChatLog
+) -> intent.IntentResponse | None:
+    """Rebuild the IntentResponse of this turn's last intent tool from its dict (2025.4 keeps only the dict).
+
+    Core's `async_get_result_from_chat_log` (later releases) returns that tool's original response, so callers of
+    `/api/conversation/process` see the matched entities; this gives 2025.4 the same result.
+    """
+    turn_start = max(
+        (i for i, content in enumerate(chat_log.content) if isinstance(content, conversation.UserContent)), default=0
+    )
+    for content in reversed(chat_log.content[turn_start:]):
+        if not isinstance(content, conversation.ToolResultContent):
+            continue
+        data, is_error = tool_result_payload(content)
+        if is_error or not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            continue
+        try:
+            response_type = intent.IntentResponseType(data.get("response_type"))
+        except ValueError:
+            continue
+        if response_type is intent.IntentResponseType.ERROR:
+            continue
+
+        def targets(key: str, found: dict[str, Any] = data["data"]) -> list[intent.IntentResponseTarget]:
+            return [
+                intent.IntentResponseTarget(
+                    name=str(item.get("name", "")),
+                    type=intent.IntentResponseTargetType(item.get("type", "entity")),
+                    id=item.get("id"),
+                )
+                for item in found.get(key, [])
+                if isinstance(item, dict)
+            ]
+
+        response = intent.IntentResponse(language=user_input.language)
+        response.response_type = response_type
+        response.async_set_targets(targets("targets"))
+        response.async_set_results(targets("success"), targets("failed"))
+        return response
+    return None
+
+
 def result_from_chat_log(
     user_input: conversation.ConversationInput, chat_log: conversation.ChatLog
 ) -> conversation.ConversationResult:
@@ -205,7 +248,7 @@ def result_from_chat_log(
     from_chat_log = getattr(conversation, "async_get_result_from_chat_log", None)
     if from_chat_log is not None:
         return cast(conversation.ConversationResult, from_chat_log(user_input, chat_log))
-    response = intent.IntentResponse(language=user_input.language)
+    response = _last_intent_response(user_input, chat_log) or intent.IntentResponse(language=user_input.language)
     response.async_set_speech(last.content or "")
     return conversation.ConversationResult(
         response=response,

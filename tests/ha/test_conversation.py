@@ -95,6 +95,8 @@ async def test_turn_on_the_kitchen_light_with_the_demo_model(hass: HomeAssistant
 
     assert hass.states.get(KITCHEN_LIGHT).state == STATE_ON
     assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    # The matched entity reaches /api/conversation/process callers on every line (2025.4 rebuilds the response).
+    assert [target.id for target in result.response.success_results] == [KITCHEN_LIGHT]
     assert speech(result) == "Done, the kitchen light is on."
     assert not result.continue_conversation
 
