@@ -445,7 +445,7 @@ static void emu_model_defaults(emu_model *model) {
     model->memory_mb = NAN;
     model->prefill_chunk_tokens = 16;
     model->speed = 1.0;
-    model->chars_per_token = 4;
+    model->chars_per_token = 6;
     model->thinking = false;
     model->utf8_waiting = true;
     model->has_template = true;

@@ -9,13 +9,19 @@
 
 /* ---------------------------------------------------------------- tokenizer */
 
-enum { EMU_CLASS_OTHER = 0, EMU_CLASS_ALNUM = 1, EMU_CLASS_SPACE = 2, EMU_CLASS_NON_ASCII = 3 };
+/* The cost model imitates a byte-level BPE tokenizer (Qwen's) closely enough that prompt token counts, and
+ * so prefill times, land near the real ones: a single space before a word or a punctuation run belongs to
+ * it (" word", " {\""), punctuation merges in pairs (JSON's `":`, `",`, `{"`), letters/digits and other
+ * whitespace cut every `chars_per_token` bytes, non-ASCII runs cut by bytes (MODEL_FORMAT.md §5). */
+enum { EMU_CLASS_PUNCT = 0, EMU_CLASS_ALNUM = 1, EMU_CLASS_SPACE = 2, EMU_CLASS_NON_ASCII = 3 };
+
+enum { EMU_PUNCT_BYTES_PER_TOKEN = 2 };
 
 static int emu_byte_class(unsigned char c) {
     if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return EMU_CLASS_ALNUM;
     if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f') return EMU_CLASS_SPACE;
     if (c >= 0x80) return EMU_CLASS_NON_ASCII;
-    return EMU_CLASS_OTHER;
+    return EMU_CLASS_PUNCT;
 }
 
 static void emu_pieces_push(emu_pieces *pieces, size_t offset, size_t len) {
@@ -28,18 +34,50 @@ static void emu_pieces_push(emu_pieces *pieces, size_t offset, size_t len) {
     pieces->len++;
 }
 
+static size_t emu_run_end(const char *text, size_t len, size_t start, int cls) {
+    size_t end = start + 1;
+    while (end < len && emu_byte_class((unsigned char)text[end]) == cls) end++;
+    return end;
+}
+
+/* Cuts [start, end) every `step` bytes; `prefix` bytes before `start` (an attached space) ride with the
+ * first piece without counting towards its length. */
+static void emu_pieces_cut(emu_pieces *out, size_t prefix, size_t start, size_t end, size_t step) {
+    for (size_t k = start; k < end; k += step) {
+        size_t piece_len = (end - k) < step ? (end - k) : step;
+        if (k == start) {
+            emu_pieces_push(out, k - prefix, piece_len + prefix);
+        } else {
+            emu_pieces_push(out, k, piece_len);
+        }
+    }
+}
+
 void emu_tokenize(const char *text, size_t len, int chars_per_token, emu_pieces *out) {
     size_t step = chars_per_token > 0 ? (size_t)chars_per_token : 1;
+    size_t punct_step = step < EMU_PUNCT_BYTES_PER_TOKEN ? step : EMU_PUNCT_BYTES_PER_TOKEN;
     out->len = 0;
     size_t i = 0;
     while (i < len) {
         int cls = emu_byte_class((unsigned char)text[i]);
-        size_t j = i + 1;
-        if (cls != EMU_CLASS_OTHER) {
-            while (j < len && emu_byte_class((unsigned char)text[j]) == cls) j++;
+        size_t j = emu_run_end(text, len, i, cls);
+        if (cls != EMU_CLASS_SPACE) {
+            /* Non-ASCII runs are cut by bytes too, so a piece may end inside a UTF-8 character. */
+            emu_pieces_cut(out, 0, i, j, cls == EMU_CLASS_PUNCT ? punct_step : step);
+            i = j;
+            continue;
         }
-        /* Long runs are cut every `step` bytes; for non-ASCII runs this may split a character. */
-        for (size_t k = i; k < j; k += step) emu_pieces_push(out, k, (j - k) < step ? (j - k) : step);
+        /* A whitespace run whose last byte is a space followed by a word or punctuation gives that space
+         * to the next run, as BPE pre-tokenizers do (" word" is one token); the rest is cut on its own. */
+        int next_cls = j < len ? emu_byte_class((unsigned char)text[j]) : EMU_CLASS_SPACE;
+        bool attach = text[j - 1] == ' ' && (next_cls == EMU_CLASS_ALNUM || next_cls == EMU_CLASS_PUNCT);
+        size_t own_end = attach ? j - 1 : j;
+        emu_pieces_cut(out, 0, i, own_end, step);
+        if (attach) {
+            size_t next_end = emu_run_end(text, len, j, next_cls);
+            emu_pieces_cut(out, 1, j, next_end, next_cls == EMU_CLASS_PUNCT ? punct_step : step);
+            j = next_end;
+        }
         i = j;
     }
 }
