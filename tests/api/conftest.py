@@ -15,37 +15,38 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from homeassistant.auth.models import TOKEN_TYPE_LONG_LIVED_ACCESS_TOKEN, User
-from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
-from homeassistant.components.light import ColorMode, LightEntity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import llm
 from homeassistant.setup import async_setup_component
 from openai import AsyncOpenAI
-from pytest_homeassistant_custom_component.common import MockConfigEntry, setup_test_component_platform
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rkllm.config_flow import default_conversation_options
-from custom_components.rkllm.const import (
-    CONF_ABI_PROFILE,
-    CONF_CONTEXT_LENGTH,
-    CONF_CPU_CORES,
-    CONF_LIBRARY_PATH,
-    CONF_MODEL_PATH,
-    CONF_NPU_DOMAIN_ID,
-    CONF_PLATFORM,
-    CONF_WORKER,
-    CONF_WORKER_ENV,
-    DOMAIN,
-    SUBENTRY_CONVERSATION,
-)
+from custom_components.rkllm.const import CONF_CONTEXT_LENGTH, CONF_WORKER_ENV, DOMAIN, SUBENTRY_CONVERSATION
 from custom_components.rkllm.data import RkllmRuntimeData
 from rkllm_native.build import emulator_library
+from tests.ha_shared import (  # fixtures are registered by the names this conftest holds
+    KITCHEN_LIGHT,
+    auto_enable_custom_integrations,
+    flow_input,
+    kitchen_light,
+    setup_homeassistant,
+    unload_rkllm_entries,
+)
+
+__all__ = [
+    "KITCHEN_LIGHT",
+    "auto_enable_custom_integrations",
+    "kitchen_light",
+    "setup_homeassistant",
+    "unload_rkllm_entries",
+]
 
 MODEL_ID = "api-test-model"  # slug of the model file stem below
 AGENT_TITLE = "Living Room"
 AGENT_MODEL_ID = "rkllm-agent-living-room"
-KITCHEN_LIGHT = "light.kitchen_light"
 CONTEXT_LENGTH = 4096
 # ~3 kB of text: more than the engine's 512-token budget at 4 characters per token, so "long story" runs are cut
 # by the budget after about 2.5 s at 200 tokens/s (long enough to disconnect, queue or probe /health meanwhile).
@@ -92,27 +93,6 @@ API_MODEL = "\n".join(
 )
 
 
-@pytest.fixture(autouse=True)
-def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
-    """Load custom_components/rkllm."""
-
-
-@pytest.fixture(autouse=True)
-async def setup_homeassistant(hass: HomeAssistant) -> None:
-    """`conversation` needs the exposed-entities store of `homeassistant` (toolchain.md)."""
-    assert await async_setup_component(hass, "homeassistant", {})
-
-
-@pytest.fixture(autouse=True)
-async def unload_rkllm_entries(hass: HomeAssistant) -> AsyncGenerator[None]:
-    """Unload every rkllm entry a test left loaded, so its worker stops before the cleanup checks run."""
-    yield
-    for entry in hass.config_entries.async_entries(DOMAIN):
-        if entry.state is ConfigEntryState.LOADED:
-            await hass.config_entries.async_unload(entry.entry_id)
-    await hass.async_block_till_done()
-
-
 @pytest.fixture(scope="session")
 def emulator_lib() -> str:
     """The v1.3.0-flavoured emulator library (per-run max_new_tokens and sampling), built if missing."""
@@ -128,19 +108,8 @@ def write_model(directory: Path, text: str = API_MODEL, stem: str = "api-test-mo
 
 def entry_data(library: str, model: Path, **overrides: Any) -> dict[str, Any]:
     """Entry data as the config flow stores it, plus the emulator speed pin."""
-    data: dict[str, Any] = {
-        CONF_LIBRARY_PATH: library,
-        CONF_MODEL_PATH: str(model),
-        CONF_PLATFORM: "rk3588",
-        CONF_CONTEXT_LENGTH: CONTEXT_LENGTH,
-        CONF_CPU_CORES: 4,
-        CONF_NPU_DOMAIN_ID: 0,
-        CONF_ABI_PROFILE: "auto",
-        CONF_WORKER: "local",
-        CONF_WORKER_ENV: {"RKLLM_EMULATOR_SPEED": "1"},
-    }
-    data.update(overrides)
-    return data
+    pinned = {CONF_CONTEXT_LENGTH: CONTEXT_LENGTH, CONF_WORKER_ENV: {"RKLLM_EMULATOR_SPEED": "1"}}
+    return flow_input(library, model, **{**pinned, **overrides})
 
 
 def agent_subentry(title: str = AGENT_TITLE) -> dict[str, Any]:
@@ -238,42 +207,6 @@ async def openai_client(api: ApiServer) -> AsyncGenerator[AsyncOpenAI]:
     client = AsyncOpenAI(base_url=api.base_url, api_key=api.token, max_retries=0, timeout=60)
     yield client
     await client.close()
-
-
-class KitchenLight(LightEntity):
-    """A real light entity: turning it on changes its state, as a user would see it."""
-
-    _attr_name = "Kitchen Light"
-    _attr_unique_id = "api-kitchen-light"
-    _attr_color_mode = ColorMode.ONOFF
-    _attr_supported_color_modes = {ColorMode.ONOFF}  # noqa: RUF012 - HA's attribute convention
-    _attr_is_on = False
-    _attr_should_poll = False
-
-    async def async_turn_on(self, **kwargs: Any) -> None:
-        """Switch on."""
-        self._attr_is_on = True
-        self.async_write_ha_state()
-
-    async def async_turn_off(self, **kwargs: Any) -> None:
-        """Switch off."""
-        self._attr_is_on = False
-        self.async_write_ha_state()
-
-
-@pytest.fixture
-async def kitchen_light(hass: HomeAssistant) -> str:
-    """A light named Kitchen Light, exposed to Assist, with the intents that control it."""
-    setup_test_component_platform(hass, "light", [KitchenLight()])
-    assert await async_setup_component(hass, "light", {"light": {"platform": "test"}})
-    assert await async_setup_component(hass, "intent", {})
-    assert await async_setup_component(hass, "conversation", {})
-    await hass.async_block_till_done()
-    async_expose_entity(hass, "conversation", KITCHEN_LIGHT, True)
-    state = hass.states.get(KITCHEN_LIGHT)
-    assert state is not None
-    assert state.state == "off"
-    return KITCHEN_LIGHT
 
 
 def sse_lines(body: str) -> list[str]:

@@ -13,36 +13,37 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
-from homeassistant.components.light import ColorMode, LightEntity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import llm
-from homeassistant.setup import async_setup_component
-from pytest_homeassistant_custom_component.common import MockConfigEntry, setup_test_component_platform
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rkllm.config_flow import default_conversation_options
-from custom_components.rkllm.const import (
-    CONF_ABI_PROFILE,
-    CONF_CONTEXT_LENGTH,
-    CONF_CPU_CORES,
-    CONF_LIBRARY_PATH,
-    CONF_MODEL_PATH,
-    CONF_NPU_DOMAIN_ID,
-    CONF_PLATFORM,
-    CONF_WORKER,
-    CONF_WORKER_ENV,
-    DOMAIN,
-    SUBENTRY_CONVERSATION,
-)
+from custom_components.rkllm.const import CONF_WORKER_ENV, DOMAIN, SUBENTRY_CONVERSATION
 from rkllm_native.build import emulator_library
+from tests.ha_shared import (  # fixtures are registered by the names this conftest holds
+    KITCHEN_LIGHT,
+    auto_enable_custom_integrations,
+    flow_input,
+    kitchen_light,
+    setup_homeassistant,
+    unload_rkllm_entries,
+)
+
+__all__ = [
+    "KITCHEN_LIGHT",
+    "auto_enable_custom_integrations",
+    "kitchen_light",
+    "setup_homeassistant",
+    "unload_rkllm_entries",
+]
 
 FAST_ENV = {"RKLLM_EMULATOR_SPEED": "0"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,27 +85,6 @@ ASSIST_MODEL = "\n".join(
 )
 
 
-@pytest.fixture(autouse=True)
-def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
-    """Load custom_components/rkllm."""
-
-
-@pytest.fixture(autouse=True)
-async def setup_homeassistant(hass: HomeAssistant) -> None:
-    """`conversation` needs the exposed-entities store of `homeassistant` (toolchain.md)."""
-    assert await async_setup_component(hass, "homeassistant", {})
-
-
-@pytest.fixture(autouse=True)
-async def unload_rkllm_entries(hass: HomeAssistant) -> AsyncGenerator[None]:
-    """Unload every rkllm entry a test left loaded, so its worker stops before the cleanup checks run."""
-    yield
-    for entry in hass.config_entries.async_entries(DOMAIN):
-        if entry.state in (ConfigEntryState.LOADED, ConfigEntryState.SETUP_RETRY):
-            await hass.config_entries.async_unload(entry.entry_id)
-    await hass.async_block_till_done()
-
-
 @pytest.fixture(scope="session")
 def emulator_lib() -> str:
     """The v1.2.x-flavoured emulator library, built if missing."""
@@ -127,19 +107,7 @@ def assist_model(tmp_path: Path) -> Path:
 
 def entry_data(library: str, model: Path | str, **overrides: Any) -> dict[str, Any]:
     """Entry data as the config flow stores it, plus the dev-only fast emulator env."""
-    data: dict[str, Any] = {
-        CONF_LIBRARY_PATH: library,
-        CONF_MODEL_PATH: str(model),
-        CONF_PLATFORM: "rk3588",
-        CONF_CONTEXT_LENGTH: 4096,
-        CONF_CPU_CORES: 4,
-        CONF_NPU_DOMAIN_ID: 0,
-        CONF_ABI_PROFILE: "auto",
-        CONF_WORKER: "local",
-        CONF_WORKER_ENV: dict(FAST_ENV),
-    }
-    data.update(overrides)
-    return data
+    return flow_input(library, model, **{CONF_WORKER_ENV: dict(FAST_ENV), **overrides})
 
 
 def conversation_subentry(title: str = "Assist on NPU", **options: Any) -> dict[str, Any]:
@@ -179,43 +147,6 @@ async def loaded_entry(hass: HomeAssistant, mock_config_entry: MockConfigEntry) 
     await hass.async_block_till_done()
     assert mock_config_entry.state is ConfigEntryState.LOADED
     return mock_config_entry
-
-
-class KitchenLight(LightEntity):
-    """A real light entity: turning it on changes its state, as a user would see it."""
-
-    _attr_name = "Kitchen Light"
-    _attr_unique_id = "kitchen-light"
-    _attr_color_mode = ColorMode.ONOFF
-    _attr_supported_color_modes = {ColorMode.ONOFF}  # noqa: RUF012 - HA's attribute convention
-    _attr_is_on = False
-    _attr_should_poll = False
-
-    async def async_turn_on(self, **kwargs: Any) -> None:
-        """Switch on."""
-        self._attr_is_on = True
-        self.async_write_ha_state()
-
-    async def async_turn_off(self, **kwargs: Any) -> None:
-        """Switch off."""
-        self._attr_is_on = False
-        self.async_write_ha_state()
-
-
-KITCHEN_LIGHT = "light.kitchen_light"
-
-
-@pytest.fixture
-async def kitchen_light(hass: HomeAssistant) -> str:
-    """A light named Kitchen Light, exposed to Assist, with the intents that control it."""
-    setup_test_component_platform(hass, "light", [KitchenLight()])
-    assert await async_setup_component(hass, "light", {"light": {"platform": "test"}})
-    assert await async_setup_component(hass, "intent", {})
-    assert await async_setup_component(hass, "conversation", {})
-    await hass.async_block_till_done()
-    async_expose_entity(hass, "conversation", KITCHEN_LIGHT, True)
-    assert hass.states.get(KITCHEN_LIGHT) is not None
-    return KITCHEN_LIGHT
 
 
 def child_pids() -> set[int]:

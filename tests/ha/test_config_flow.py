@@ -24,14 +24,12 @@ from custom_components.rkllm.config_flow import (
 from custom_components.rkllm.const import (
     CONF_ABI_PROFILE,
     CONF_CONTEXT_LENGTH,
-    CONF_CPU_CORES,
     CONF_ENABLE_THINKING,
     CONF_LIBRARY_PATH,
     CONF_MAX_HISTORY,
     CONF_MAX_NEW_TOKENS,
     CONF_MAX_TOOL_ITERATIONS,
     CONF_MODEL_PATH,
-    CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
@@ -47,6 +45,7 @@ from custom_components.rkllm.const import (
     SUBENTRY_CONVERSATION,
 )
 from tests.ha.conftest import FAST_ENV, RemoteWorker, fake_library, free_tcp_port
+from tests.ha_shared import flow_input
 
 
 @pytest.fixture(autouse=True)
@@ -54,21 +53,6 @@ def fast_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entries created by the flow have no dev env; the worker inherits this one instead."""
     for key, value in FAST_ENV.items():
         monkeypatch.setenv(key, value)
-
-
-def user_input(library: str, model: str | Path, **overrides: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        CONF_LIBRARY_PATH: library,
-        CONF_MODEL_PATH: str(model),
-        CONF_PLATFORM: "rk3588",
-        CONF_CONTEXT_LENGTH: 4096,
-        CONF_CPU_CORES: 4,
-        CONF_NPU_DOMAIN_ID: 0,
-        CONF_ABI_PROFILE: "auto",
-        CONF_WORKER: "local",
-    }
-    data.update(overrides)
-    return data
 
 
 async def test_user_step_suggests_emulator_and_detected_values(hass: HomeAssistant) -> None:
@@ -88,7 +72,7 @@ async def test_local_entry_is_created_with_an_assist_agent(
 ) -> None:
     """A valid local setup creates the entry and its first conversation agent, preset to the Assist API."""
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input(emulator_lib, assist_model))
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["title"] == assist_model.stem
@@ -151,13 +135,13 @@ async def test_each_validation_error_is_shown_on_its_field(
 
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], user_input(library, model, **{CONF_ABI_PROFILE: profile})
+        result["flow_id"], flow_input(library, model, **{CONF_ABI_PROFILE: profile})
     )
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {field: error}
     assert result["description_placeholders"]["error_detail"]
 
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input(emulator_lib, assist_model))
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.CREATE_ENTRY
 
@@ -186,7 +170,7 @@ async def test_same_model_twice_is_aborted(
     hass: HomeAssistant, mock_config_entry: MockConfigEntry, emulator_lib: str, assist_model: Path
 ) -> None:
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input(emulator_lib, assist_model))
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
 
@@ -202,12 +186,12 @@ async def test_reconfigure_changes_the_runtime_and_reloads(
     assert suggested[CONF_MODEL_PATH] == str(assist_model)
 
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], user_input(str(tmp_path / "gone.so"), assist_model)
+        result["flow_id"], flow_input(str(tmp_path / "gone.so"), assist_model)
     )
     assert result["errors"] == {CONF_LIBRARY_PATH: "library_not_found"}
 
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], user_input(emulator_lib_v130, assist_model, **{CONF_CONTEXT_LENGTH: 2048})
+        result["flow_id"], flow_input(emulator_lib_v130, assist_model, **{CONF_CONTEXT_LENGTH: 2048})
     )
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.ABORT
@@ -226,7 +210,7 @@ async def test_reconfigure_to_another_configured_model_is_aborted(
     other_model.write_bytes(assist_model.read_bytes())  # noqa: ASYNC240 - a tiny test file
     MockConfigEntry(domain=DOMAIN, data={CONF_MODEL_PATH: str(other_model)}).add_to_hass(hass)
     result = await loaded_entry.start_reconfigure_flow(hass)
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input(emulator_lib, other_model))
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, other_model))
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
 
@@ -234,7 +218,7 @@ async def test_reconfigure_to_another_configured_model_is_aborted(
 async def _start_remote_flow(hass: HomeAssistant, library: str, model: Path | str) -> dict[str, Any]:
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], user_input(library, model, **{CONF_WORKER: "remote"})
+        result["flow_id"], flow_input(library, model, **{CONF_WORKER: "remote"})
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "remote"
