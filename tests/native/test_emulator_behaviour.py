@@ -1,8 +1,8 @@
 """The emulator behaves as rkllm_native/emulator/MODEL_FORMAT.md documents, in both ABI flavours.
 
-These tests drive the C library through minimal local ctypes declarations (the full binding is tested in
-test_binding_*). Expected token counts are computed from the documented tokenizer and template (§4, §5),
-so a drift between the specification and the C code fails here.
+These tests drive the C library with their own calls through the binding's ctypes declarations
+(`rkllm_native.abi`), not through its runtime layer (tested in test_binding_*). Expected token counts are computed
+from the documented tokenizer and template (§4, §5), so a drift between the specification and the C code fails here.
 """
 
 import ctypes
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from rkllm_native import abi
 from rkllm_native.build import Profile, emulator_library
 
 PROFILES: tuple[Profile, ...] = ("v12x", "v130")
@@ -67,199 +68,14 @@ def user_turn(text: str) -> str:
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # ---------------------------------------------------------------------------------------------------------------
-# Minimal ctypes declarations of both ABI flavours (rkllm-runtime.md §2-§3).
+# Both ABI flavours as the binding declares them (rkllm_native.abi); the calls below are the tests' own.
+
+_LIBRARIES: dict[Profile, abi.BoundLibrary] = {}
 
 
-class ExtendParam(ctypes.Structure):
-    _fields_ = (
-        ("base_domain_id", ctypes.c_int32),
-        ("embed_flash", ctypes.c_int8),
-        ("enabled_cpus_num", ctypes.c_int8),
-        ("enabled_cpus_mask", ctypes.c_uint32),
-        ("n_batch", ctypes.c_uint8),
-        ("use_cross_attn", ctypes.c_int8),
-        ("reserved", ctypes.c_uint8 * 104),
-    )
-
-
-_PARAM_HEAD = (
-    ("model_path", ctypes.c_char_p),
-    ("max_context_len", ctypes.c_int32),
-    ("max_new_tokens", ctypes.c_int32),
-    ("top_k", ctypes.c_int32),
-    ("n_keep", ctypes.c_int32),
-    ("top_p", ctypes.c_float),
-    ("temperature", ctypes.c_float),
-    ("repeat_penalty", ctypes.c_float),
-    ("frequency_penalty", ctypes.c_float),
-    ("presence_penalty", ctypes.c_float),
-    ("mirostat", ctypes.c_int32),
-    ("mirostat_tau", ctypes.c_float),
-    ("mirostat_eta", ctypes.c_float),
-    ("skip_special_token", ctypes.c_bool),
-)
-
-
-class ParamV12x(ctypes.Structure):
-    _fields_ = (
-        *_PARAM_HEAD,
-        ("is_async", ctypes.c_bool),
-        ("img_start", ctypes.c_char_p),
-        ("img_end", ctypes.c_char_p),
-        ("img_content", ctypes.c_char_p),
-        ("extend_param", ExtendParam),
-    )
-
-
-class ParamV130(ctypes.Structure):
-    _fields_ = (
-        *_PARAM_HEAD,
-        ("ignore_eos_token", ctypes.c_bool),
-        ("is_async", ctypes.c_bool),
-        ("extend_param", ExtendParam),
-    )
-
-
-class TokenInput(ctypes.Structure):
-    _fields_ = (("input_ids", ctypes.POINTER(ctypes.c_int32)), ("n_tokens", ctypes.c_size_t))
-
-
-class UnionV12x(ctypes.Union):
-    _fields_ = (("prompt_input", ctypes.c_char_p), ("token_input", TokenInput), ("raw", ctypes.c_uint64 * 6))
-
-
-class UnionV130(ctypes.Union):
-    _fields_ = (("prompt_input", ctypes.c_char_p), ("token_input", TokenInput), ("raw", ctypes.c_uint64 * 18))
-
-
-class InputV12x(ctypes.Structure):
-    _anonymous_ = ("u",)
-    _fields_ = (
-        ("role", ctypes.c_char_p),
-        ("enable_thinking", ctypes.c_bool),
-        ("input_type", ctypes.c_int),
-        ("u", UnionV12x),
-    )
-
-
-class InputV130(ctypes.Structure):
-    _anonymous_ = ("u",)
-    _fields_ = (
-        ("role", ctypes.c_char_p),
-        ("enable_thinking", ctypes.c_bool),
-        ("input_type", ctypes.c_int),
-        ("u", UnionV130),
-    )
-
-
-class LoraParam(ctypes.Structure):
-    _fields_ = (("lora_adapter_name", ctypes.c_char_p),)
-
-
-class LoraAdapter(ctypes.Structure):
-    _fields_ = (("path", ctypes.c_char_p), ("name", ctypes.c_char_p), ("scale", ctypes.c_float))
-
-
-class PromptCacheParam(ctypes.Structure):
-    _fields_ = (("save_prompt_cache", ctypes.c_int), ("prompt_cache_path", ctypes.c_char_p))
-
-
-class SamplingParam(ctypes.Structure):
-    _fields_ = (
-        ("top_k", ctypes.c_int32),
-        ("top_p", ctypes.c_float),
-        ("temperature", ctypes.c_float),
-        ("repeat_penalty", ctypes.c_float),
-        ("frequency_penalty", ctypes.c_float),
-        ("presence_penalty", ctypes.c_float),
-        ("mirostat", ctypes.c_int32),
-        ("mirostat_tau", ctypes.c_float),
-        ("mirostat_eta", ctypes.c_float),
-    )
-
-
-class InferV12x(ctypes.Structure):
-    _fields_ = (
-        ("mode", ctypes.c_int),
-        ("lora_params", ctypes.POINTER(LoraParam)),
-        ("prompt_cache_params", ctypes.POINTER(PromptCacheParam)),
-        ("keep_history", ctypes.c_int),
-    )
-
-
-class InferV130(ctypes.Structure):
-    _fields_ = (
-        ("mode", ctypes.c_int),
-        ("lora_params", ctypes.POINTER(LoraParam)),
-        ("prompt_cache_params", ctypes.POINTER(PromptCacheParam)),
-        ("sampling_params", ctypes.POINTER(SamplingParam)),
-        ("keep_history", ctypes.c_int),
-        ("max_new_tokens", ctypes.c_int32),
-    )
-
-
-class Tensor(ctypes.Structure):
-    _fields_ = (("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_int), ("num_tokens", ctypes.c_int))
-
-
-class Perf(ctypes.Structure):
-    _fields_ = (
-        ("prefill_time_ms", ctypes.c_float),
-        ("prefill_tokens", ctypes.c_int),
-        ("generate_time_ms", ctypes.c_float),
-        ("generate_tokens", ctypes.c_int),
-        ("memory_usage_mb", ctypes.c_float),
-    )
-
-
-class Result(ctypes.Structure):
-    _fields_ = (
-        ("text", ctypes.c_void_p),
-        ("token_id", ctypes.c_int32),
-        ("last_hidden_layer", Tensor),
-        ("logits", Tensor),
-        ("perf", Perf),
-    )
-
-
-CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(Result), ctypes.c_void_p, ctypes.c_int)
-
-
-class CallbackV130(ctypes.Structure):
-    _fields_ = (
-        ("result_callback", CALLBACK),
-        ("result_userdata", ctypes.c_void_p),
-        ("tokenizer_callback", ctypes.c_void_p),
-        ("tokenizer_userdata", ctypes.c_void_p),
-        ("embed_callback", ctypes.c_void_p),
-        ("embed_userdata", ctypes.c_void_p),
-    )
-
-
-_LIBRARIES: dict[str, ctypes.CDLL] = {}
-
-
-def load(profile: Profile) -> ctypes.CDLL:
+def load(profile: Profile) -> abi.BoundLibrary:
     if profile not in _LIBRARIES:
-        lib = ctypes.CDLL(str(emulator_library(profile)))
-        handle = ctypes.c_void_p
-        lib.rkllm_run.argtypes = (handle, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-        lib.rkllm_run_async.argtypes = (handle, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-        for name in ("rkllm_abort", "rkllm_is_running", "rkllm_destroy", "rkllm_release_prompt_cache"):
-            getattr(lib, name).argtypes = (handle,)
-        lib.rkllm_clear_kv_cache.argtypes = (
-            handle,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_int),
-        )
-        lib.rkllm_get_kv_cache_size.argtypes = (handle, ctypes.POINTER(ctypes.c_int))
-        lib.rkllm_set_chat_template.argtypes = (handle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
-        lib.rkllm_set_function_tools.argtypes = (handle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
-        lib.rkllm_load_prompt_cache.argtypes = (handle, ctypes.c_char_p)
-        lib.rkllm_load_lora.argtypes = (handle, ctypes.POINTER(LoraAdapter))
-        lib.rkllm_init.argtypes = (ctypes.POINTER(handle), ctypes.c_void_p, ctypes.c_void_p)
-        _LIBRARIES[profile] = lib
+        _LIBRARIES[profile] = abi.PROFILES[profile].bind(ctypes.CDLL(str(emulator_library(profile))))
     return _LIBRARIES[profile]
 
 
@@ -313,10 +129,10 @@ class Session:
     handle: ctypes.c_void_p = field(default_factory=ctypes.c_void_p)
 
     def __post_init__(self) -> None:
+        self.abi_profile = abi.PROFILES[self.profile]
         self.lib = load(self.profile)
-        self._callback = CALLBACK(self._on_result)
-        param_type = ParamV130 if self.profile == "v130" else ParamV12x
-        self.param = param_type()
+        self._callback = abi.LLMResultCallback(self._on_result)
+        self.param = self.abi_profile.param_struct()
         self.param.model_path = str(self.model).encode()
         self.param.max_context_len = self.max_context_len
         self.param.max_new_tokens = self.max_new_tokens
@@ -329,35 +145,32 @@ class Session:
         self.param.extend_param.n_batch = self.n_batch
         self.param.extend_param.enabled_cpus_num, self.param.extend_param.enabled_cpus_mask = self.cpus
         if self.profile == "v130":
-            self.callbacks = CallbackV130(result_callback=self._callback, result_userdata=0x5EED)
-            self.init_rc = self.lib.rkllm_init(
+            self.callbacks = abi.RKLLMCallback(result_callback=self._callback, result_userdata=0x5EED)
+            self.init_rc = self.lib.init(
                 ctypes.byref(self.handle), ctypes.byref(self.param), ctypes.byref(self.callbacks)
             )
         else:
-            self.init_rc = self.lib.rkllm_init(
-                ctypes.byref(self.handle), ctypes.byref(self.param), ctypes.cast(self._callback, ctypes.c_void_p)
-            )
+            self.init_rc = self.lib.init(ctypes.byref(self.handle), ctypes.byref(self.param), self._callback)
 
     def _on_result(self, result: Any, userdata: int | None, state: int) -> int:
         self.userdata_seen.append(userdata)
         for index in range(self.n_batch):
             item = result[index]
-            text = ctypes.string_at(item.text) if item.text else None
+            text = item.text
             perf = None
             if state == FINISH:
                 p = item.perf
                 perf = (p.prefill_time_ms, p.prefill_tokens, p.generate_time_ms, p.generate_tokens, p.memory_usage_mb)
             hidden = None
-            if item.last_hidden_layer.size:
-                hidden = (item.last_hidden_layer.size, item.last_hidden_layer.num_tokens)
+            if item.last_hidden_layer.embd_size:
+                hidden = (item.last_hidden_layer.embd_size, item.last_hidden_layer.num_tokens)
             self.events[index].append(Event(state, text, item.token_id, perf, hidden))
         if self.on_event is not None:
             return self.on_event(self, self.events[0][-1])
         return 0
 
     def make_input(self, text: str | None, role: str = "user", thinking: bool = False) -> Any:
-        input_type = InputV130 if self.profile == "v130" else InputV12x
-        item = input_type()
+        item = self.abi_profile.input_struct()
         item.role = role.encode()
         item.enable_thinking = thinking
         item.input_type = 0
@@ -365,7 +178,7 @@ class Session:
         return item
 
     def make_infer(self, keep_history: bool = False, **extra: Any) -> Any:
-        infer = (InferV130 if self.profile == "v130" else InferV12x)()
+        infer = self.abi_profile.infer_param_struct()
         infer.keep_history = int(keep_history)
         for key, value in extra.items():
             setattr(infer, key, value)
@@ -382,13 +195,11 @@ class Session:
         **infer: Any,
     ) -> RunResult | list[RunResult]:
         texts = text if isinstance(text, list) else [text]
-        inputs = (InputV130 if self.profile == "v130" else InputV12x) * len(texts)
+        inputs = self.abi_profile.input_struct * len(texts)
         array = inputs(*(self.make_input(t, role, thinking) for t in texts))
         self.events = [[] for _ in range(self.n_batch)]
         self.userdata_seen = []
-        rc = self.lib.rkllm_run(
-            self.handle, ctypes.byref(array), ctypes.byref(self.make_infer(keep_history, **infer)), userdata
-        )
+        rc = self.lib.run(self.handle, array, ctypes.byref(self.make_infer(keep_history, **infer)), userdata)
         results = [RunResult(rc, events) for events in self.events]
         return results if isinstance(text, list) else results[0]
 
@@ -399,20 +210,20 @@ class Session:
 
     def kv(self) -> list[int]:
         sizes = (ctypes.c_int * self.n_batch)()
-        assert self.lib.rkllm_get_kv_cache_size(self.handle, sizes) == 0
+        assert self.lib.get_kv_cache_size(self.handle, sizes) == 0
         return list(sizes)
 
     def set_tools(self, system: str, tools_json: str) -> int:
         return int(
-            self.lib.rkllm_set_function_tools(self.handle, system.encode(), tools_json.encode(), b"tool_response")
+            self.lib.set_function_tools(self.handle, system.encode(), tools_json.encode(), b"tool_response")
         )
 
     def set_template(self, system: str, prefix: str, postfix: str) -> int:
-        return int(self.lib.rkllm_set_chat_template(self.handle, system.encode(), prefix.encode(), postfix.encode()))
+        return int(self.lib.set_chat_template(self.handle, system.encode(), prefix.encode(), postfix.encode()))
 
     def close(self) -> None:
         if self.handle:
-            assert self.lib.rkllm_destroy(self.handle) == 0
+            assert self.lib.destroy(self.handle) == 0
             self.handle = ctypes.c_void_p()
 
 
@@ -609,7 +420,7 @@ def test_keep_history_0_keeps_only_the_system_prompt_and_reuses_it(
     assert session.one("second").prefill_tokens == ntok(user_turn("second"))
     total = system + ntok(user_turn("second"))
     assert f"I rkllm: kv cache matches {system} / {total} tokens of prompt" in capfd.readouterr().out.splitlines()
-    assert session.lib.rkllm_clear_kv_cache(session.handle, 0, None, None) == 0
+    assert session.lib.clear_kv_cache(session.handle, 0, None, None) == 0
     assert session.kv() == [0]
     assert session.one("third").prefill_tokens == system + ntok(user_turn("third"))
 
@@ -739,12 +550,12 @@ def test_pause_keeps_the_kv_and_allows_a_ranged_clear(
     generated = ntok("one two")
     assert session.kv() == [prompt + generated]
     start, end = (ctypes.c_int * 1)(prompt), (ctypes.c_int * 1)(prompt + generated)
-    assert session.lib.rkllm_clear_kv_cache(session.handle, 1, start, end) == 0
+    assert session.lib.clear_kv_cache(session.handle, 1, start, end) == 0
     assert session.kv() == [prompt]
     session.on_event = None
     resumed = session.one("go on")  # resumes on the kept KV: only the new turn is prefilled
     assert resumed.prefill_tokens == ntok(user_turn("go on"))
-    assert session.lib.rkllm_clear_kv_cache(session.handle, 1, start, end) == -1  # not paused any more
+    assert session.lib.clear_kv_cache(session.handle, 1, start, end) == -1  # not paused any more
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -762,11 +573,11 @@ def test_abort_from_another_thread_ends_the_run_without_finish(
 
     def abort_soon() -> None:
         deadline = time.monotonic() + 2
-        while not session.lib.rkllm_is_running(session.handle) and time.monotonic() < deadline:
+        while not session.lib.is_running(session.handle) and time.monotonic() < deadline:
             time.sleep(0.005)
-        seen_running.append(session.lib.rkllm_is_running(session.handle))
+        seen_running.append(session.lib.is_running(session.handle))
         time.sleep(0.1)
-        session.lib.rkllm_abort(session.handle)
+        session.lib.abort(session.handle)
 
     aborter = threading.Thread(target=abort_soon)
     aborter.start()
@@ -775,7 +586,7 @@ def test_abort_from_another_thread_ends_the_run_without_finish(
     elapsed = time.monotonic() - started
     aborter.join()
     assert seen_running == [1]
-    assert session.lib.rkllm_is_running(session.handle) == 0
+    assert session.lib.is_running(session.handle) == 0
     assert result.rc == 0
     assert result.finish is None
     assert 0.1 < elapsed < 1.0
@@ -798,7 +609,7 @@ def test_abort_delay_is_honoured(write_model: Callable[..., Path], sessions: Cal
     def abort_on_first(s: Session, event: Event) -> int:
         if not aborted_at:
             aborted_at.append(time.monotonic())
-            s.lib.rkllm_abort(s.handle)
+            s.lib.abort(s.handle)
         return 0
 
     session.on_event = abort_on_first
@@ -822,8 +633,8 @@ def test_second_run_on_a_busy_handle_is_refused(
     def reenter(s: Session, event: Event) -> int:
         if not nested:
             item = s.make_input("nested")
-            nested.append(s.lib.rkllm_run(s.handle, ctypes.byref(item), ctypes.byref(s.make_infer()), None))
-            nested.append(s.lib.rkllm_is_running(s.handle))
+            nested.append(s.lib.run(s.handle, ctypes.byref(item), ctypes.byref(s.make_infer()), None))
+            nested.append(s.lib.is_running(s.handle))
         return 0
 
     session.on_event = reenter
@@ -844,11 +655,11 @@ def test_run_async_returns_at_once_and_delivers_from_its_thread(
     session.events = [[]]
     started = time.monotonic()
     assert (
-        session.lib.rkllm_run_async(session.handle, ctypes.byref(item), ctypes.byref(session.make_infer()), None) == 0
+        session.lib.run_async(session.handle, ctypes.byref(item), ctypes.byref(session.make_infer()), None) == 0
     )
     assert time.monotonic() - started < 0.05
-    assert session.lib.rkllm_is_running(session.handle) == 1
-    while session.lib.rkllm_is_running(session.handle):
+    assert session.lib.is_running(session.handle) == 1
+    while session.lib.is_running(session.handle):
         time.sleep(0.01)
     assert RunResult(0, session.events[0]).text == "a b c d e"
     assert session.events[0][-1].state == FINISH
@@ -1000,12 +811,12 @@ def test_v130_run_options(
     assert set(session.userdata_seen) == {0x5EED}  # NULL run userdata falls back to result_userdata
     session.one("x", userdata=0xABC)
     assert set(session.userdata_seen) == {0xABC}
-    bad = SamplingParam(top_k=1, top_p=1.5, temperature=0.8, repeat_penalty=1.1)
+    bad = abi.RKLLMSamplingParam(top_k=1, top_p=1.5, temperature=0.8, repeat_penalty=1.1)
     result = session.one("x", sampling_params=ctypes.pointer(bad))
     assert result.rc == -1
     assert result.events == []
     assert "E rkllm: rkllm_run: invalid sampling_params: top_p must be in [0, 1], got 1.5" in capfd.readouterr().out
-    good = SamplingParam(top_k=1, top_p=0.9, temperature=0.8, repeat_penalty=1.1)
+    good = abi.RKLLMSamplingParam(top_k=1, top_p=0.9, temperature=0.8, repeat_penalty=1.1)
     assert session.one("x", sampling_params=ctypes.pointer(good)).text == "one two three four five six"
 
 
@@ -1025,13 +836,13 @@ def test_prompt_cache_round_trip(
     model = write_model()
     cache = tmp_path / "system.cache"
     first = sessions(profile, model)
-    params = PromptCacheParam(save_prompt_cache=1, prompt_cache_path=str(cache).encode())
+    params = abi.RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=str(cache).encode())
     assert first.one("question one", prompt_cache_params=ctypes.pointer(params)).rc == 0
     assert cache.stat().st_size == 12 + 4 * ntok(system_part(DEFAULT_SYSTEM) + user_turn("question one"))
 
     second = sessions(profile, model)
-    assert second.lib.rkllm_load_prompt_cache(second.handle, str(tmp_path / "missing").encode()) == -1
-    assert second.lib.rkllm_load_prompt_cache(second.handle, str(cache).encode()) == 0
+    assert second.lib.load_prompt_cache(second.handle, str(tmp_path / "missing").encode()) == -1
+    assert second.lib.load_prompt_cache(second.handle, str(cache).encode()) == 0
     shared = ntok(system_part(DEFAULT_SYSTEM) + "<|im_start|>user\nquestion")  # " one" / " two" differ
     total = ntok(system_part(DEFAULT_SYSTEM) + user_turn("question two"))
     assert second.one("question two").prefill_tokens == total - shared
@@ -1045,14 +856,14 @@ def test_lora_adapters_must_exist_and_be_loaded(
 ) -> None:
     session = sessions("v12x", write_model())
     adapter_file = tmp_path / "adapter.rkllm"
-    missing = LoraAdapter(str(tmp_path / "none").encode(), b"style", 1.0)
-    assert session.lib.rkllm_load_lora(session.handle, ctypes.byref(missing)) == -1
+    missing = abi.RKLLMLoraAdapter(str(tmp_path / "none").encode(), b"style", 1.0)
+    assert session.lib.load_lora(session.handle, ctypes.byref(missing)) == -1
     adapter_file.write_bytes(b"lora")
-    present = LoraAdapter(str(adapter_file).encode(), b"style", 1.0)
-    assert session.lib.rkllm_load_lora(session.handle, ctypes.byref(present)) == 0
-    unknown = session.one("x", lora_params=ctypes.pointer(LoraParam(b"other")))
+    present = abi.RKLLMLoraAdapter(str(adapter_file).encode(), b"style", 1.0)
+    assert session.lib.load_lora(session.handle, ctypes.byref(present)) == 0
+    unknown = session.one("x", lora_params=ctypes.pointer(abi.RKLLMLoraParam(b"other")))
     assert (unknown.rc, unknown.events) == (-1, [])
-    assert session.one("x", lora_params=ctypes.pointer(LoraParam(b"style"))).rc == 0
+    assert session.one("x", lora_params=ctypes.pointer(abi.RKLLMLoraParam(b"style"))).rc == 0
 
 
 def test_hidden_layer_mode_returns_the_turn_embeddings(
@@ -1139,9 +950,9 @@ if sys.argv[3] == "hang":
     worker = threading.Thread(target=session.one, args=("x",), daemon=True)
     worker.start()
     time.sleep(0.5)
-    session.lib.rkllm_abort(session.handle)
+    session.lib.abort(session.handle)
     time.sleep(0.5)
-    print("running", session.lib.rkllm_is_running(session.handle), "alive", worker.is_alive(), flush=True)
+    print("running", session.lib.is_running(session.handle), "alive", worker.is_alive(), flush=True)
     import os
     os._exit(0)
 result = session.one("x")
