@@ -26,6 +26,7 @@ from rkllm_engine.types import (
     InvalidRequestError,
     Priority,
     QueueFullError,
+    RuntimeIncompatibleError,
     TextDelta,
     ToolCallArgsDelta,
     ToolCallEnd,
@@ -186,7 +187,7 @@ async def test_cancelling_the_running_request_frees_the_slot_within_one_token(
     first = engine.submit(ChatRequest(messages=[ChatMessage("user", "tell me a long story")]))
     first_delta = await anext(first)
     assert isinstance(first_delta, TextDelta)
-    assert first_delta.text == "alph"
+    assert first_delta.text == "alpha0"  # the first emulator token (MODEL_FORMAT.md §5)
     second = engine.submit(ChatRequest(messages=[ChatMessage("user", "second")], priority=Priority.CONVERSATION))
     await asyncio.sleep(0.12)
     assert engine.metrics.queue_depth == 1
@@ -268,7 +269,7 @@ async def test_max_new_tokens_ends_with_length_on_both_abis(
     ).collect()
     assert finished.finish_reason == "length"
     assert finished.usage.completion_tokens == 5
-    assert text == "alpha0 alpha1"  # emulator tokens: "alph", "a0", " ", "alph", "a1"
+    assert text == "alpha0 alpha1 alpha2 alpha3 alpha4"  # emulator tokens: "alpha0", " alpha1", …, " alpha4"
     text, finished = await engine.submit(ChatRequest(messages=[ChatMessage("user", "long please")])).collect()
     assert finished.finish_reason == "length"  # the init budget (256 tokens) ends it
     assert finished.usage.completion_tokens == 256
@@ -300,8 +301,8 @@ async def test_completion_request_reaches_the_model_raw(make_engine: EngineFacto
     engine = await make_engine(model, speed=1)
     text, finished = await engine.submit(CompletionRequest(prompt="Once upon a time")).collect()
     assert text == "You said: Once upon a time"
-    # Emulator tokens of the bare prompt: "Once", " ", "upon", " ", "a", " ", "time" — no template around it.
-    assert finished.usage.prompt_tokens == 7
+    # Emulator tokens of the bare prompt: "Once", " upon", " a", " time" — no template around it.
+    assert finished.usage.prompt_tokens == 4
     assert finished.finish_reason == "stop"
 
     _, chat = await engine.submit(ChatRequest(messages=[ChatMessage("user", "Once upon a time")])).collect()
@@ -334,8 +335,9 @@ async def test_admission_errors_are_immediate_and_stop_cleans_up(make_engine: En
 async def test_start_failure_is_one_clear_error(tmp_path: Path) -> None:
     model = model_file(tmp_path, fault="init_fail")
     engine = Engine(EngineConfig(library_path=str(emulator_library("v12x")), model_path=str(model)))
-    with pytest.raises(EngineUnavailableError, match="init_fail"):
+    with pytest.raises(RuntimeIncompatibleError, match="init_fail") as refused:
         await engine.start()
+    assert refused.value.reason == "init_failed"  # the runtime refused the model: retrying cannot help
     assert engine.metrics.state is EngineState.ERROR
     assert engine.metrics.last_error is not None
     with pytest.raises(EngineUnavailableError, match="could not be loaded"):

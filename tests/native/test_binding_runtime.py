@@ -143,7 +143,7 @@ def test_error_state_reaches_the_sink_and_the_outcome(runtime: Runtime, tmp_path
     assert outcome.error is not None
     assert "error after 3 generated tokens" in outcome.error
     assert sink.errors == [outcome.error]
-    assert sink.text == "one two"  # three tokens: "one", " ", "two"
+    assert sink.text == "one two three"  # three tokens: "one", " two", " three"
     assert "finish" not in sink.kinds
     assert outcome.perf is None
 
@@ -338,7 +338,7 @@ def test_per_run_sampling_and_max_new_tokens_on_v130(tmp_path: Path, monkeypatch
         runtime.init(RuntimeParams(model_path=model))
         sampling = SamplingParams(temperature=0.2, top_k=5)
         sink, perf = run_text(runtime, "go", RunOptions(max_new_tokens=3, sampling=sampling))
-        assert sink.text == "one two"
+        assert sink.text == "one two three"  # "one", " two", " three"
         assert perf is not None
         assert perf.generate_tokens == 3
         with pytest.raises(InvalidParameterError, match=r"^sampling\.top_p: must be between 0\.0 and 1\.0, got 1\.5$"):
