@@ -495,14 +495,19 @@ def _check_agent_request(parsed: ParsedChat) -> None:
         )
 
 
-class ChatCompletionsView(HomeAssistantView):
+class _TokenView(HomeAssistantView):
+    """An OpenAI endpoint: its handler checks the token (`_check_auth`) so a client gets an OpenAI-shaped 401."""
+
+    requires_auth = False
+    cors_allowed = True
+
+
+class ChatCompletionsView(_TokenView):
     """`POST /v1/chat/completions` and the alias `POST /v1/`."""
 
     url = "/v1/chat/completions"
     extra_urls = ["/v1/"]  # noqa: RUF012 - HomeAssistantView declares it as a plain class attribute
     name = "api:rkllm:chat_completions"
-    requires_auth = False  # checked in the handler, for an OpenAI-shaped 401
-    cors_allowed = True
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         """Answer a chat completion, streamed or not."""
@@ -542,13 +547,11 @@ def _refuse_agent_model(hass: HomeAssistant, model: str | None) -> None:
         )
 
 
-class CompletionsView(HomeAssistantView):
+class CompletionsView(_TokenView):
     """`POST /v1/completions` (legacy): the raw prompt, no chat template."""
 
     url = "/v1/completions"
     name = "api:rkllm:completions"
-    requires_auth = False
-    cors_allowed = True
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         """Answer a legacy completion, streamed or not."""
@@ -603,13 +606,11 @@ def _model_objects(hass: HomeAssistant) -> list[ModelObject]:
     return objects
 
 
-class ModelsView(HomeAssistantView):
+class ModelsView(_TokenView):
     """`GET /v1/models`."""
 
     url = "/v1/models"
     name = "api:rkllm:models"
-    requires_auth = False
-    cors_allowed = True
 
     async def get(self, request: web.Request) -> web.Response:
         """List the raw model(s) and the agent models; an empty list when nothing is loaded."""
@@ -619,13 +620,11 @@ class ModelsView(HomeAssistantView):
         return self.json(body)
 
 
-class ModelView(HomeAssistantView):
+class ModelView(_TokenView):
     """`GET /v1/models/{model_id}`."""
 
     url = "/v1/models/{model_id}"
     name = "api:rkllm:model"
-    requires_auth = False
-    cors_allowed = True
 
     async def get(self, request: web.Request, model_id: str) -> web.Response:
         """One model, or 404 `model_not_found`."""
