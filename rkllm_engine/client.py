@@ -30,11 +30,15 @@ from rkllm_engine.types import (
     EngineError,
     EngineUnavailableError,
     GenerationError,
+    IncompatibleReason,
     InvalidRequestError,
     Perf,
+    RuntimeIncompatibleError,
     Sampling,
+    UnavailableReason,
     WorkerCrashedError,
 )
+from rkllm_native import errors as native_errors
 from rkllm_native import logparse, protocol
 
 _LOGGER = logging.getLogger(__name__)
@@ -87,6 +91,16 @@ class RuntimeInfo:
     platform: str | None
     max_context_limit: int | None
     pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHello:
+    """What a worker said about itself in the handshake (see `WorkerClient.probe`)."""
+
+    protocol_version: int
+    pid: int | None
+    initialized: bool  # a remote worker keeps its runtime loaded between clients
+    python: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,45 @@ def sampling_to_dict(sampling: Sampling | Mapping[str, Any] | None) -> dict[str,
     return kept or None
 
 
+# Binding error codes (rkllm_native.errors) that no retry can fix, by the reason HA acts on.
+_INCOMPATIBLE_CODES: Final[dict[str, IncompatibleReason]] = {
+    native_errors.LibraryNotFoundError.code: "library_missing",
+    native_errors.LibraryLoadError.code: "library_unsupported",
+    native_errors.LibraryArchitectureError.code: "library_unsupported",
+    native_errors.NotRkllmLibraryError.code: "library_unsupported",
+    native_errors.UnsupportedRuntimeError.code: "library_unsupported",
+    native_errors.UnknownRuntimeVersionError.code: "library_unsupported",
+    native_errors.VersionUndetectableError.code: "library_unsupported",
+    native_errors.InvalidProfileError.code: "profile_mismatch",
+    native_errors.ProfileMismatchError.code: "profile_mismatch",
+    native_errors.ModelFileError.code: "model_invalid",
+}
+_PROBLEM_REASONS: Final[dict[str, IncompatibleReason]] = {
+    protocol.PROBLEM_PLATFORM_MISMATCH: "model_platform_mismatch",
+    protocol.PROBLEM_MODEL_REFUSED: "model_invalid",
+}
+
+
+def start_error(code: str, message: str, facts: Mapping[str, str]) -> EngineError:
+    """The typed error for a failed library/model load, from the binding's `code` and the worker's facts.
+
+    Everything is permanent (RuntimeIncompatibleError) except running out of NPU memory, which another
+    process may free (EngineUnavailableError, reason "npu_out_of_memory").
+    """
+    details = {str(key): str(value) for key, value in facts.items()}
+    details["code"] = code
+    problem = details.get(protocol.FACT_RUNTIME_PROBLEM)
+    if problem == protocol.PROBLEM_NPU_OUT_OF_MEMORY:
+        return EngineUnavailableError(message, reason="npu_out_of_memory", details=details)
+    reason = _INCOMPATIBLE_CODES.get(code) or _PROBLEM_REASONS.get(problem or "") or "init_failed"
+    return RuntimeIncompatibleError(message, reason=reason, details=details)
+
+
+def start_error_from_binding(err: native_errors.RkllmError) -> EngineError:
+    """The same typed error for a binding error raised in this process (HA checks local files before spawning)."""
+    return start_error(err.code, err.message, protocol.error_facts(err))
+
+
 def _error_from_reply(error: Mapping[str, Any], op: str) -> EngineError:
     """Map a failed reply's kind onto the engine's typed errors."""
     kind = str(error.get("kind", ""))
@@ -151,12 +204,12 @@ def _error_from_reply(error: Mapping[str, Any], op: str) -> EngineError:
         return ContextOverflowError(message, _opt_int(error.get("prompt_tokens")), _opt_int(error.get("max_context")))
     if kind in (protocol.KIND_BAD_REQUEST, protocol.KIND_INVALID_INPUT, protocol.KIND_UNSUPPORTED):
         return InvalidRequestError(message)
-    if kind in (
-        protocol.KIND_BUSY,
-        protocol.KIND_NOT_INITIALIZED,
-        protocol.KIND_INIT_FAILED,
-        protocol.KIND_VERSION_MISMATCH,
-    ):
+    if kind == protocol.KIND_INIT_FAILED:
+        facts = error.get("facts")
+        return start_error(str(error.get("code", "")), message, facts if isinstance(facts, dict) else {})
+    if kind == protocol.KIND_VERSION_MISMATCH:
+        return RuntimeIncompatibleError(message, reason="protocol_mismatch")
+    if kind in (protocol.KIND_BUSY, protocol.KIND_NOT_INITIALIZED):
         return EngineUnavailableError(message)
     return GenerationError(message)
 
@@ -406,7 +459,12 @@ class WorkerClient:
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self, spec: InitSpec) -> RuntimeInfo:
-        """Spawn or connect, then hello + init. Raises EngineUnavailableError naming the cause."""
+        """Spawn or connect, then hello + init.
+
+        Raises EngineUnavailableError when a retry may help (its `reason`: worker_unreachable, secret_refused,
+        worker_busy, worker_start_failed, npu_out_of_memory) and RuntimeIncompatibleError when it cannot
+        (library, model or protocol; see `start_error`).
+        """
         if self.state in (WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING):
             raise EngineError(f"the rkllm worker client is already {self.state}; call stop() first")
         if self._restart_task is not None:  # a finished restart loop from before FAILED
@@ -428,6 +486,46 @@ class WorkerClient:
             raise
         self._set_state(WorkerState.READY)
         return info
+
+    @classmethod
+    async def probe(cls, location: WorkerLocation, timeout_s: float = 10.0) -> WorkerHello:
+        """Check a remote worker without loading anything: connect, authenticate, hello, close.
+
+        The config flow uses it to tell a wrong host, secret or busy worker apart before an entry exists; the
+        library and model are checked by the setup that follows. Each step waits at most `timeout_s`. Raises
+        EngineUnavailableError (worker_unreachable, secret_refused, worker_busy) or RuntimeIncompatibleError
+        (protocol_mismatch).
+        """
+        if not location.remote:
+            raise ValueError("probe() checks a remote worker; this location is the local child process")
+        client = cls(location, connect_timeout_s=timeout_s)
+        where = location.describe()
+        session = await client._connect_remote()
+        session.reader_task = asyncio.get_running_loop().create_task(client._read_loop(session))
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await client._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
+        except TimeoutError as err:
+            raise EngineUnavailableError(
+                f"remote rkllm worker {where} did not answer the hello within {timeout_s:g}s",
+                reason="worker_unreachable",
+                details={"worker": where},
+            ) from err
+        except WorkerCrashedError as err:
+            raise EngineUnavailableError(
+                f"remote rkllm worker {where} closed the connection during the hello",
+                reason="worker_unreachable",
+                details={"worker": where},
+            ) from err
+        finally:
+            await client._close(session, kill=False)
+            await client.stop()
+        return WorkerHello(
+            protocol_version=_opt_int(reply.get("version")) or 0,
+            pid=_opt_int(reply.get("pid")),
+            initialized=reply.get("initialized") is True,
+            python=_opt_str(reply.get("python")),
+        )
 
     async def stop(self) -> None:
         """Shut the worker down and wait for it; leaves no process, task or connection behind."""
@@ -573,8 +671,14 @@ class WorkerClient:
         session.reader_task = asyncio.get_running_loop().create_task(self._read_loop(session))
         try:
             reply = await self._handshake(session, spec)
-        except BaseException:
+        except BaseException as err:
             await self._close(session, kill=True)
+            lost = isinstance(err, WorkerCrashedError | OSError) or (
+                isinstance(err, EngineUnavailableError) and err.reason == "unavailable" and not self._stopping
+            )
+            if lost:
+                # Died or dropped the connection while starting: a fresh attempt may work (HA retries later).
+                raise self._start_lost(err) from err
             raise
         self._session = session
         self.info = RuntimeInfo(
@@ -587,13 +691,27 @@ class WorkerClient:
         )
         return self.info
 
+    def _start_lost(self, err: BaseException) -> EngineUnavailableError:
+        """The transient error for a worker that went away during hello or init, with its last runtime line."""
+        details = {"worker": self.location.describe()}
+        last_line = logparse.last_problem_line(list(self._recent_log), levels="E")
+        if last_line:
+            details[protocol.FACT_RUNTIME_LINE] = last_line
+        reason: UnavailableReason = "worker_unreachable" if self.location.remote else "worker_start_failed"
+        message = str(err)
+        if not isinstance(err, EngineError):
+            message = f"the rkllm worker ({self.location.describe()}) closed the connection while starting: {err}"
+        return EngineUnavailableError(message, reason=reason, details=details)
+
     async def _handshake(self, session: _Session, spec: InitSpec) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
         except TimeoutError as err:
             raise EngineUnavailableError(
-                f"the rkllm worker ({self.location.describe()}) did not answer within {self.connect_timeout_s:g}s"
+                f"the rkllm worker ({self.location.describe()}) did not answer within {self.connect_timeout_s:g}s",
+                reason="worker_unreachable" if self.location.remote else "worker_start_failed",
+                details={"worker": self.location.describe()},
             ) from err
         # No timeout: loading a model takes from seconds to minutes; a dying worker still ends the wait.
         return await self._request(
@@ -628,7 +746,9 @@ class WorkerClient:
             )
         except OSError as err:
             parent_sock.close()
-            raise EngineUnavailableError(f"cannot start the rkllm worker with {self._python}: {err}") from err
+            raise EngineUnavailableError(
+                f"cannot start the rkllm worker with {self._python}: {err}", reason="worker_start_failed"
+            ) from err
         finally:
             child_sock.close()
         try:
@@ -636,29 +756,41 @@ class WorkerClient:
         except OSError as err:
             process.kill()
             await process.wait()
-            raise EngineUnavailableError(f"cannot talk to the rkllm worker: {err}") from err
+            raise EngineUnavailableError(
+                f"cannot talk to the rkllm worker: {err}", reason="worker_start_failed"
+            ) from err
         session = _Session(reader, writer, process)
         if process.stderr is not None:
             session.stderr_task = asyncio.get_running_loop().create_task(self._stderr_loop(process.stderr))
         return session
 
+    def _remote_error(self, message: str, reason: UnavailableReason) -> EngineUnavailableError:
+        """A transient remote failure; `reason` lets the config flow put it on the right field."""
+        return EngineUnavailableError(message, reason=reason, details={"worker": self.location.describe()})
+
     async def _connect_remote(self) -> _Session:
         where = self.location.describe()
         if not self.location.secret:
-            raise EngineUnavailableError(f"remote rkllm worker {where} needs a shared secret; none is configured")
+            raise self._remote_error(
+                f"remote rkllm worker {where} needs a shared secret; none is configured", "secret_refused"
+            )
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(self.location.host, self.location.port)
         except TimeoutError as err:
-            raise EngineUnavailableError(
-                f"remote rkllm worker {where} did not accept a connection within {self.connect_timeout_s:g}s"
+            raise self._remote_error(
+                f"remote rkllm worker {where} did not accept a connection within {self.connect_timeout_s:g}s",
+                "worker_unreachable",
             ) from err
         except ConnectionRefusedError as err:
-            raise EngineUnavailableError(
-                f"remote rkllm worker {where} refused the connection (is the worker running and listening there?)"
+            raise self._remote_error(
+                f"remote rkllm worker {where} refused the connection (is the worker running and listening there?)",
+                "worker_unreachable",
             ) from err
         except OSError as err:
-            raise EngineUnavailableError(f"cannot reach remote rkllm worker {where}: {err.strerror or err}") from err
+            raise self._remote_error(
+                f"cannot reach remote rkllm worker {where}: {err.strerror or err}", "worker_unreachable"
+            ) from err
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self._authenticate(reader, writer, where)
@@ -667,30 +799,38 @@ class WorkerClient:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             if isinstance(err, TimeoutError):
-                raise EngineUnavailableError(f"remote rkllm worker {where} did not complete the handshake") from err
+                raise self._remote_error(
+                    f"remote rkllm worker {where} did not complete the handshake", "worker_unreachable"
+                ) from err
             if isinstance(err, (OSError, protocol.ProtocolError)):
-                raise EngineUnavailableError(f"remote rkllm worker {where} broke the handshake: {err}") from err
+                raise self._remote_error(
+                    f"remote rkllm worker {where} broke the handshake: {err}", "worker_unreachable"
+                ) from err
             raise
         return _Session(reader, writer, None)
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> None:
         challenge = await protocol.read_frame(reader)
         if challenge is not None and challenge.get("ev") == protocol.EV_BUSY:
-            raise EngineUnavailableError(f"remote rkllm worker {where} is busy: another client is connected")
+            raise self._remote_error(f"remote rkllm worker {where} is busy: another client is connected", "worker_busy")
         if (
             challenge is None
             or challenge.get("ev") != protocol.EV_CHALLENGE
             or not isinstance(challenge.get("nonce"), str)
         ):
-            raise EngineUnavailableError(f"remote rkllm worker {where} did not send an authentication challenge")
+            raise self._remote_error(
+                f"remote rkllm worker {where} did not send an authentication challenge", "worker_unreachable"
+            )
         mac = protocol.compute_mac(self.location.secret or "", challenge["nonce"])
         protocol.write_frame(writer, {"op": protocol.OP_AUTH, "mac": mac})
         await writer.drain()
         answer = await protocol.read_frame(reader)
         if answer is None or answer.get("ev") == protocol.EV_AUTH_FAILED:
-            raise EngineUnavailableError(f"remote rkllm worker {where} refused the secret")
+            raise self._remote_error(f"remote rkllm worker {where} refused the secret", "secret_refused")
         if answer.get("ev") != protocol.EV_AUTH_OK:
-            raise EngineUnavailableError(f"remote rkllm worker {where} answered {answer.get('ev')!r} to the secret")
+            raise self._remote_error(
+                f"remote rkllm worker {where} answered {answer.get('ev')!r} to the secret", "worker_unreachable"
+            )
 
     # -- internals: reading -----------------------------------------------
 
@@ -700,7 +840,9 @@ class WorkerClient:
         session.pending[request_id] = future
         try:
             session.send(protocol.request(op, request_id, **args))
-            await session.writer.drain()
+            # A lost connection is seen by the read loop too, which fails `future` naming it (exit code, last line).
+            with contextlib.suppress(ConnectionError, OSError):
+                await session.writer.drain()
             reply = await future
         finally:
             session.pending.pop(request_id, None)

@@ -240,10 +240,55 @@ class QueueFullError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+UnavailableReason = Literal[
+    "unavailable",  # loading, stopped, or failed and restarting: nothing the user set is wrong
+    "worker_unreachable",  # no connection, no answer, or a broken handshake
+    "secret_refused",  # the remote worker refused (or we have no) shared secret
+    "worker_busy",  # the remote worker serves another client
+    "worker_start_failed",  # the local worker could not be spawned, or died while loading
+    "npu_out_of_memory",  # the runtime could not get NPU memory; another process may free it
+]
+IncompatibleReason = Literal[
+    "library_missing",  # librkllmrt is not at the configured path
+    "library_unsupported",  # not librkllmrt, wrong CPU, cannot be loaded, or a version rkllm cannot drive
+    "profile_mismatch",  # the ABI override is unknown or contradicts the library's version
+    "model_invalid",  # the model file is missing/unreadable, or the runtime refused it
+    "model_platform_mismatch",  # the model was converted for another SoC
+    "init_failed",  # rkllm_init refused the settings (context length, CPU cores …)
+    "protocol_mismatch",  # the worker speaks another protocol version (install the same rkllm on both sides)
+]
+
+
 class EngineUnavailableError(EngineError):
-    """The model is loading, stopped, or the runtime failed and is restarting."""
+    """Transient: the model is loading or stopped, the worker cannot be reached, or it is restarting.
+
+    `reason` says why in a stable word, so callers (HA setup, the config flow) never match message text;
+    retrying later can help for every reason.
+    """
 
     code = "unavailable"
+
+    def __init__(
+        self, message: str, reason: UnavailableReason = "unavailable", details: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason: UnavailableReason = reason
+        self.details: dict[str, str] = dict(details or {})
+
+
+class RuntimeIncompatibleError(EngineError):
+    """Permanent: the library, the model or the worker cannot work with these settings; retrying cannot help.
+
+    `reason` picks the repair or form error; `details` holds the facts behind it (`path`, `version`,
+    `runtime_line` - the runtime's own `E rkllm:` line - …) for the repair text.
+    """
+
+    code = "runtime_incompatible"
+
+    def __init__(self, message: str, reason: IncompatibleReason, details: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason: IncompatibleReason = reason
+        self.details: dict[str, str] = dict(details or {})
 
 
 class WorkerCrashedError(EngineError):

@@ -80,6 +80,24 @@ KIND_UNSUPPORTED: Final = "unsupported"
 
 BUSY_MESSAGE: Final = "busy: another client is connected"
 
+# Facts of a failed init (`error.facts`, all strings): what the binding's typed error knew, plus what the runtime
+# printed. The client turns `code` + facts into a typed engine error, so nobody has to parse the message.
+FACT_ATTRIBUTES: Final = (
+    "path",
+    "version",
+    "override",
+    "detected_profile",
+    "library_arch",
+    "host_arch",
+    "model_path",
+    "return_code",
+)
+FACT_RUNTIME_LINE: Final = "runtime_line"  # the runtime's last `E rkllm:` line during init
+FACT_RUNTIME_PROBLEM: Final = "runtime_problem"  # one of the PROBLEM_* values, parsed from the runtime's lines
+PROBLEM_PLATFORM_MISMATCH: Final = "target_platform_mismatch"
+PROBLEM_MODEL_REFUSED: Final = "model_refused"
+PROBLEM_NPU_OUT_OF_MEMORY: Final = "npu_out_of_memory"
+
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame; the connection cannot be trusted any more."""
@@ -211,6 +229,16 @@ def reply_error(request_id: int, kind: str, message: str, **details: Any) -> dic
     """Build a failed reply; `message` is one line a user can act on, `kind` is for code."""
     error: dict[str, Any] = {"kind": kind, "message": message, **details}
     return {"ev": EV_REPLY, "id": request_id, "ok": False, "error": error}
+
+
+def error_facts(err: BaseException) -> dict[str, str]:
+    """The attributes of a binding error (`rkllm_native.errors`) that name the file, version or setting at fault."""
+    facts: dict[str, str] = {}
+    for name in FACT_ATTRIBUTES:
+        value = getattr(err, name, None)
+        if value is not None:
+            facts[name] = str(value)
+    return facts
 
 
 def text_event(run_id: int, text: str, token_id: int) -> dict[str, Any]:

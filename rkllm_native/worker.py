@@ -19,6 +19,7 @@ import faulthandler
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import sys
@@ -600,7 +601,13 @@ class Worker:
             text = str(err)
             if reason and reason not in text:
                 text = f"{text}: {reason}"
-            raise OpError(protocol.KIND_INIT_FAILED, text, code=err.code) from err
+            facts = protocol.error_facts(err)
+            if reason:
+                facts[protocol.FACT_RUNTIME_LINE] = reason
+            problem = init_problem(lines, facts.get("return_code"))
+            if problem is not None:
+                facts[protocol.FACT_RUNTIME_PROBLEM] = problem
+            raise OpError(protocol.KIND_INIT_FAILED, text, code=err.code, facts=facts) from err
         self.tap.sync()
         info = logparse.parse_init_lines(self.tap.lines_since(mark))
         self.runtime = runtime
@@ -866,6 +873,39 @@ class Worker:
             self._destroy_runtime()
         else:
             self.tap.fatal("the run did not stop; exiting without rkllm_destroy (the kernel frees the NPU)")
+
+
+# ---------------------------------------------------------------------------
+# Init failures: what the runtime's lines say went wrong
+# ---------------------------------------------------------------------------
+
+# [Inf] Strings the runtime prints when init fails, from the library's strings and user reports (rkllm-runtime.md
+# §7, §8 item 9, Appendix A), not observed on a board. Matched on any line: the out-of-memory and RKNN magic
+# messages do not come as `E rkllm:` lines.
+_PLATFORM_MISMATCH = re.compile(r"target_platform does not match", re.IGNORECASE)
+_NPU_OUT_OF_MEMORY = re.compile(r"failed to malloc npu memory", re.IGNORECASE)
+_MODEL_REFUSED = re.compile(
+    r"invalid rkllm model|invalid rknn llm model magic|unsupported model architecture|"
+    r"rkllm-runtime version is lower than the rkllm-toolkit version",
+    re.IGNORECASE,
+)
+
+
+def init_problem(lines: list[str], return_code: str | None) -> str | None:
+    """Classify a failed rkllm_init from what the runtime printed during it (newest line first).
+
+    [Inf] rkllm_init returning 0 without a handle was reported under NPU out-of-memory (rkllm-runtime.md §2.4).
+    """
+    for line in reversed(lines):
+        if _PLATFORM_MISMATCH.search(line):
+            return protocol.PROBLEM_PLATFORM_MISMATCH
+        if _NPU_OUT_OF_MEMORY.search(line):
+            return protocol.PROBLEM_NPU_OUT_OF_MEMORY
+        if _MODEL_REFUSED.search(line):
+            return protocol.PROBLEM_MODEL_REFUSED
+    if return_code == "0":
+        return protocol.PROBLEM_NPU_OUT_OF_MEMORY
+    return None
 
 
 # ---------------------------------------------------------------------------

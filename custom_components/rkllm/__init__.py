@@ -15,7 +15,7 @@ from . import vendor  # noqa: F401
 import asyncio
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP
@@ -26,13 +26,14 @@ from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import slugify
 from homeassistant.util.hass_dict import HassKey
 
+from rkllm_engine.client import start_error_from_binding
 from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
-from rkllm_engine.types import EngineError, InvalidRequestError
+from rkllm_engine.types import EngineError, EngineUnavailableError, RuntimeIncompatibleError
 from rkllm_native import detect
-from rkllm_native.errors import LibraryNotFoundError, NotRkllmLibraryError, RkllmError
+from rkllm_native.errors import NotRkllmLibraryError, RkllmError
 
 from .compat import entry_platforms
-from .config_flow import model_file_problem, remote_error_key
+from .config_flow import model_file_problem
 from .const import (
     ABI_PROFILE_AUTO,
     CONF_ABI_PROFILE,
@@ -63,9 +64,6 @@ from .http import async_register_views
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
-# [Inf] The runtime prints this when a model converted for another SoC is loaded; seen as a string in the library,
-# not observed on a board (rkllm-runtime.md §7, Appendix A).
-_PLATFORM_MISMATCH_LOG = "target_platform does not match"
 DATA_ENGINE_SETTINGS: HassKey[dict[str, dict[str, Any]]] = HassKey(f"{DOMAIN}_engine_settings")
 REMOTE_BUSY_RETRIES = 5
 REMOTE_BUSY_RETRY_DELAY_S = 0.2
@@ -120,28 +118,8 @@ async def _async_check_local_files(hass: HomeAssistant, entry: ConfigEntry, conf
     """Refuse permanently broken local setups before a worker is spawned, with a repair issue."""
     try:
         await hass.async_add_executor_job(detect.check_library, config.library_path, config.profile)
-    except LibraryNotFoundError as err:
-        await _async_raise_setup_issue(
-            hass, entry, ISSUE_LIBRARY_MISSING, {"path": config.library_path, "error": err.message}
-        )
-        raise ConfigEntryError(
-            translation_domain=DOMAIN,
-            translation_key="setup_library_missing",
-            translation_placeholders={"error": err.message},
-        ) from err
     except RkllmError as err:
-        version = getattr(err, "version", None) or ("not librkllmrt" if isinstance(err, NotRkllmLibraryError) else "?")
-        await _async_raise_setup_issue(
-            hass,
-            entry,
-            ISSUE_LIBRARY_UNSUPPORTED,
-            {"path": config.library_path, "version": str(version), "error": err.message},
-        )
-        raise ConfigEntryError(
-            translation_domain=DOMAIN,
-            translation_key="setup_library_unsupported",
-            translation_placeholders={"error": err.message},
-        ) from err
+        await _async_raise_start_failure(hass, entry, start_error_from_binding(err))
     if (problem := await hass.async_add_executor_job(model_file_problem, config.model_path)) is not None:
         message = f"model file {config.model_path}: {problem[1]}"
         raise ConfigEntryError(
@@ -151,15 +129,50 @@ async def _async_check_local_files(hass: HomeAssistant, entry: ConfigEntry, conf
         )
 
 
-def _is_permanent_start_failure(err: EngineError) -> bool:
-    """Whether retrying cannot help: the runtime itself refused the library or model at init.
+def _library_version(err: RuntimeIncompatibleError) -> str:
+    """The version the repair text names: detected, or what the file is instead of librkllmrt."""
+    if version := err.details.get("version"):
+        return version
+    return "not librkllmrt" if err.details.get("code") == NotRkllmLibraryError.code else ""
 
-    The worker reports an init failure with the runtime's own `E rkllm:` line in the message; spawn, connect and
-    handshake failures carry none and are worth retrying. [Inf] Running out of NPU memory ("failed to malloc npu
-    memory") is treated as transient, since another process may free it (rkllm-runtime.md §8 item 9).
+
+async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, err: EngineError) -> NoReturn:
+    """ConfigEntryError (+ the repair issue for its reason) when retrying cannot help, else ConfigEntryNotReady.
+
+    Decided by the error's type and `reason` (carried from the worker), never by its text.
     """
     message = str(err)
-    return isinstance(err, InvalidRequestError) or ("E rkllm" in message and "malloc" not in message)
+    if not isinstance(err, RuntimeIncompatibleError):
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="setup_worker_failed",
+            translation_placeholders={"error": message},
+        ) from err
+    library_path = err.details.get("path") or str(entry.data.get(CONF_LIBRARY_PATH))
+    if err.reason == "library_missing":
+        await _async_raise_setup_issue(hass, entry, ISSUE_LIBRARY_MISSING, {"path": library_path, "error": message})
+        translation_key = "setup_library_missing"
+    elif err.reason in ("library_unsupported", "profile_mismatch"):
+        placeholders = {"path": library_path, "version": _library_version(err), "error": message}
+        await _async_raise_setup_issue(hass, entry, ISSUE_LIBRARY_UNSUPPORTED, placeholders)
+        translation_key = "setup_library_unsupported"
+    elif err.reason == "model_platform_mismatch":
+        placeholders = {
+            "model": str(entry.data.get(CONF_MODEL_PATH)),
+            "platform": str(entry.data.get(CONF_PLATFORM)),
+            "error": message,
+        }
+        await _async_raise_setup_issue(hass, entry, ISSUE_MODEL_PLATFORM_MISMATCH, placeholders)
+        translation_key = "setup_model_platform_mismatch"
+    elif err.reason == "protocol_mismatch":
+        translation_key = "setup_worker_failed"
+    else:  # model_invalid, init_failed: the message names the file or setting to fix
+        translation_key = "setup_model_invalid"
+    raise ConfigEntryError(
+        translation_domain=DOMAIN,
+        translation_key=translation_key,
+        translation_placeholders={"error": message},
+    ) from err
 
 
 async def _async_start_engine_once_busy_clears(engine: Engine) -> None:
@@ -171,8 +184,8 @@ async def _async_start_engine_once_busy_clears(engine: Engine) -> None:
     for attempt in range(REMOTE_BUSY_RETRIES + 1):
         try:
             await engine.start()
-        except EngineError as err:
-            if attempt == REMOTE_BUSY_RETRIES or remote_error_key(str(err)) != "worker_busy":
+        except EngineUnavailableError as err:
+            if attempt == REMOTE_BUSY_RETRIES or err.reason != "worker_busy":
                 raise
             await asyncio.sleep(REMOTE_BUSY_RETRY_DELAY_S)
         else:
@@ -191,37 +204,9 @@ async def _async_start_engine(hass: HomeAssistant, entry: ConfigEntry, engine: E
             translation_key="setup_timeout",
             translation_placeholders={"seconds": f"{ENGINE_START_TIMEOUT_S:.0f}"},
         ) from err
-    except (EngineError, RkllmError) as err:
-        log_lines = engine.recent_log()
+    except EngineError as err:
         await engine.stop()
-        message = str(err)
-        if any(_PLATFORM_MISMATCH_LOG in line for line in [*log_lines, message]):
-            await _async_raise_setup_issue(
-                hass,
-                entry,
-                ISSUE_MODEL_PLATFORM_MISMATCH,
-                {
-                    "model": entry.data[CONF_MODEL_PATH],
-                    "platform": str(entry.data.get(CONF_PLATFORM)),
-                    "error": message,
-                },
-            )
-            raise ConfigEntryError(
-                translation_domain=DOMAIN,
-                translation_key="setup_model_platform_mismatch",
-                translation_placeholders={"error": message},
-            ) from err
-        if not isinstance(err, EngineError) or _is_permanent_start_failure(err):
-            raise ConfigEntryError(
-                translation_domain=DOMAIN,
-                translation_key="setup_model_invalid",
-                translation_placeholders={"error": message},
-            ) from err
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN,
-            translation_key="setup_worker_failed",
-            translation_placeholders={"error": message},
-        ) from err
+        await _async_raise_start_failure(hass, entry, err)
     except BaseException:
         # Cancelled setup (HA stopping): never leave a worker behind.
         await engine.stop()

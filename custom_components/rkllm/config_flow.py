@@ -2,14 +2,13 @@
 
 Local setups are validated without loading anything: the library through `rkllm_native.detect` (file, ELF,
 rkllm marker, supported version, profile override) and the model file by a cheap check (see
-`model_file_problem`). A remote worker is validated by starting the engine against it once: that proves the
-host answers, accepts the secret and can load the library and model named on that host (the worker keeps the
-loaded runtime for the same settings, so the setup that follows is fast).
+`model_file_problem`). A remote worker is probed (connect, secret, hello; `WorkerClient.probe`) without loading
+anything: the library and model named on that host are checked by the setup that follows, which raises a
+repair issue for a permanent problem there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,7 +87,6 @@ from .const import (
     DEFAULT_TOP_P,
     DEFAULT_WORKER_PORT,
     DOMAIN,
-    ENGINE_START_TIMEOUT_S,
     MAX_CONTEXT_LENGTH,
     MIN_CONTEXT_LENGTH,
     PLATFORMS_SUPPORTED,
@@ -130,18 +128,15 @@ _LIBRARY_ERROR_KEYS: Final = frozenset(
     }
 )
 
-# How the engine client words remote connection failures (rkllm_engine/client.py) → form error keys.
-_REMOTE_ERROR_MARKERS: Final = (
-    ("refused the secret", "invalid_auth"),
-    ("needs a shared secret", "invalid_auth"),
-    ("is busy", "worker_busy"),
-    ("refused the connection", "cannot_connect"),
-    ("cannot reach", "cannot_connect"),
-    ("did not accept a connection", "cannot_connect"),
-    ("handshake", "cannot_connect"),
-    ("authentication challenge", "cannot_connect"),
-    ("did not answer", "cannot_connect"),
-)
+# The remote form's error key for each reason the probe gives (rkllm_engine.types); others are cannot_connect.
+_REMOTE_ERROR_KEYS: Final = {
+    "secret_refused": "invalid_auth",
+    "worker_busy": "worker_busy",
+    "worker_unreachable": "cannot_connect",
+    "protocol_mismatch": "worker_version_mismatch",
+}
+# Each probe step (connect, handshake, hello) waits this long; a worker on the LAN answers in milliseconds.
+REMOTE_PROBE_TIMEOUT_S: Final = 10.0
 
 
 def emulator_library_path() -> Path | None:
@@ -220,14 +215,6 @@ def model_file_problem(path: str) -> tuple[str, str] | None:
         return "not_rkllm_model", "not a .rkllm file (convert the model with rkllm-toolkit)"
     if size < MIN_RKLLM_MODEL_BYTES:
         return "not_rkllm_model", f"only {size} bytes: a truncated download or not a model"
-    return None
-
-
-def remote_error_key(message: str) -> str | None:
-    """The form error for a remote connection failure, or None when the worker was reached (init failed)."""
-    for marker, key in _REMOTE_ERROR_MARKERS:
-        if marker in message:
-            return key
     return None
 
 
@@ -344,7 +331,7 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
     async def async_step_remote(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Host, port and secret of a remote worker; probed by starting the engine against it once."""
+        """Host, port and secret of a remote worker; probed (connect, secret, hello) before the entry is made."""
         errors: dict[str, str] = {}
         detail = ""
         if user_input is not None:
@@ -411,29 +398,21 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
         return errors, " ".join(details)
 
     async def _async_probe_remote(self, data: Mapping[str, Any]) -> tuple[dict[str, str], str]:
-        """Start and stop an engine against the remote worker; map failures onto the remote form's fields."""
-        from rkllm_engine.engine import Engine
-        from rkllm_engine.types import EngineError
+        """Probe the remote worker; map a failure's `reason` onto the remote form's fields."""
+        from rkllm_engine.client import WorkerClient
+        from rkllm_engine.types import EngineUnavailableError, RuntimeIncompatibleError
 
         from . import engine_config_from_entry
 
         if self.source == SOURCE_RECONFIGURE and self._same_loaded_worker(data):
             # Our own loaded entry holds the worker's only connection; the reload after saving re-checks it.
             return {}, ""
-        engine = Engine(engine_config_from_entry(data))
+        location = engine_config_from_entry(data).worker
         try:
-            async with asyncio.timeout(ENGINE_START_TIMEOUT_S):
-                await engine.start()
-        except TimeoutError:
-            return {"base": "cannot_connect"}, f"no answer within {ENGINE_START_TIMEOUT_S:.0f} s"
-        except EngineError as err:
-            message = str(err)
-            key = remote_error_key(message)
-            if key == "invalid_auth":
-                return {CONF_WORKER_SECRET: key}, message
-            return {"base": key or "remote_init_failed"}, message
-        finally:
-            await engine.stop()
+            await WorkerClient.probe(location, timeout_s=REMOTE_PROBE_TIMEOUT_S)
+        except (EngineUnavailableError, RuntimeIncompatibleError) as err:
+            key = _REMOTE_ERROR_KEYS.get(err.reason, "cannot_connect")
+            return {CONF_WORKER_SECRET if key == "invalid_auth" else "base": key}, str(err)
         return {}, ""
 
     def _same_loaded_worker(self, data: Mapping[str, Any]) -> bool:

@@ -21,16 +21,25 @@ from rkllm_engine.client import (
     WorkerClient,
     WorkerLocation,
     WorkerState,
+    start_error,
 )
-from rkllm_engine.types import ContextOverflowError, EngineUnavailableError, InvalidRequestError, WorkerCrashedError
+from rkllm_engine.types import (
+    ContextOverflowError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    RuntimeIncompatibleError,
+    WorkerCrashedError,
+)
+from rkllm_native import protocol
 from rkllm_native.build import emulator_library
+from rkllm_native.worker import init_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COUNT_ANSWER = "one two three four five six seven eight nine ten eleven twelve"
 HELLO_ANSWER = "Hello from the emulator."
 
 
-def write_model(path: Path, *, decode_tokens_per_s: float = 2000, fault: str = "none") -> Path:
+def write_model(path: Path, *, decode_tokens_per_s: float = 2000, fault: str = "none", extra: str = "") -> Path:
     """A tiny emulator model (rkllm_native/emulator/MODEL_FORMAT.md); the emulator reads it at every init."""
     path.write_text(
         textwrap.dedent(
@@ -45,6 +54,7 @@ def write_model(path: Path, *, decode_tokens_per_s: float = 2000, fault: str = "
             fault = {fault}
             """
         )
+        + extra
     )
     return path
 
@@ -271,10 +281,118 @@ async def test_start_with_a_missing_model_fails_with_the_path_and_leaves_nothing
 ) -> None:
     client = make_client()
     missing = tmp_path / "missing.model"
-    with pytest.raises(EngineUnavailableError, match=f"model file {missing}"):
+    with pytest.raises(RuntimeIncompatibleError) as refused:
         await client.start(spec_for(missing))
+    assert refused.value.reason == "model_invalid"
+    assert refused.value.details["path"] == str(missing)
+    assert str(refused.value).startswith(f"model file {missing}")
     assert client.state is WorkerState.FAILED
     assert worker_children() == []
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "fact", "value"),
+    [
+        ("library_missing", "library_missing", "code", "library_not_found"),
+        ("library_not_rkllm", "library_unsupported", "code", "not_rkllm_library"),
+        ("profile_mismatch", "profile_mismatch", "version", "1.2.3"),
+        ("model_for_rk3576", "model_platform_mismatch", protocol.FACT_RUNTIME_PROBLEM, "target_platform_mismatch"),
+        ("model_from_newer_toolkit", "model_invalid", protocol.FACT_RUNTIME_PROBLEM, "model_refused"),
+        ("context_over_model_limit", "init_failed", "code", "init_failed"),
+        ("init_fault", "init_failed", "return_code", "-1"),
+    ],
+)
+async def test_each_permanent_init_failure_arrives_typed_with_its_reason_and_facts(
+    make_client: Callable[..., WorkerClient], tmp_path: Path, case: str, reason: str, fact: str, value: str
+) -> None:
+    """The worker's typed binding error and the runtime's own E line reach the caller as a reason, not as text."""
+    library = str(emulator_library("v12x"))
+    profile: str | None = None
+    params: dict[str, object] = {}
+    model = write_model(tmp_path / "m.model")
+    if case == "library_missing":
+        library = str(tmp_path / "absent" / "librkllmrt.so")
+    elif case == "library_not_rkllm":
+        (tmp_path / "librkllmrt.so").write_text("not a shared object\n")
+        library = str(tmp_path / "librkllmrt.so")
+    elif case == "profile_mismatch":
+        profile = "v130"
+    elif case == "model_for_rk3576":
+        write_model(model, extra="host_platform = RK3576\n")
+    elif case == "model_from_newer_toolkit":
+        write_model(model, extra="toolkit_version = 1.9.0\n")
+    elif case == "context_over_model_limit":
+        params = {"max_context_len": 8192}
+    elif case == "init_fault":
+        write_model(model, fault="init_fail")
+    client = make_client()
+    with pytest.raises(RuntimeIncompatibleError) as refused:
+        await client.start(InitSpec(library_path=library, model_path=str(model), profile=profile, params=params))
+    assert refused.value.reason == reason
+    assert refused.value.details[fact] == value
+    assert "\n" not in str(refused.value)
+    if case.startswith(("model_", "context_", "init_")):  # the runtime said why: its line travels as a fact
+        assert refused.value.details[protocol.FACT_RUNTIME_LINE].startswith("E rkllm: ")
+    assert client.state is WorkerState.FAILED
+    assert worker_children() == []
+
+
+@pytest.mark.parametrize("python", ["/bin/false", "/nonexistent/python3"])
+async def test_a_worker_that_cannot_start_is_a_transient_worker_start_failure(
+    make_client: Callable[..., WorkerClient], tmp_path: Path, python: str
+) -> None:
+    client = make_client(python=python)
+    with pytest.raises(EngineUnavailableError) as unavailable:
+        await client.start(spec_for(write_model(tmp_path / "m.model")))
+    assert unavailable.value.reason == "worker_start_failed"
+    assert client.state is WorkerState.FAILED
+    assert worker_children() == []
+
+
+async def test_another_protocol_version_is_a_permanent_protocol_mismatch(
+    make_client: Callable[..., WorkerClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)  # this side only
+    client = make_client()
+    with pytest.raises(RuntimeIncompatibleError) as refused:
+        await client.start(spec_for(write_model(tmp_path / "m.model")))
+    assert refused.value.reason == "protocol_mismatch"
+    assert worker_children() == []
+
+
+@pytest.mark.parametrize(
+    ("lines", "return_code", "problem"),
+    [
+        (
+            ["I rkllm: loading", "E rkllm: the model's target_platform does not match the real platform"],
+            "-1",
+            protocol.PROBLEM_PLATFORM_MISMATCH,
+        ),
+        (
+            ["E RKNN: failed to malloc npu memory, size: 123", "E rkllm: rkllm_init failed"],
+            "-1",
+            protocol.PROBLEM_NPU_OUT_OF_MEMORY,
+        ),
+        (["E RKNN: invalid rknn llm model magic"], "-1", protocol.PROBLEM_MODEL_REFUSED),
+        (["E rkllm: invalid rkllm model!"], "-1", protocol.PROBLEM_MODEL_REFUSED),
+        ([], "0", protocol.PROBLEM_NPU_OUT_OF_MEMORY),
+        (["E rkllm: The n_keep must be less than the max_context_len"], "-1", None),
+    ],
+)
+def test_runtime_lines_of_a_failed_init_are_classified(lines: list[str], return_code: str, problem: str | None) -> None:
+    """Board-only failures the emulator cannot produce: the worker still names them from the runtime's lines."""
+    assert init_problem(lines, return_code) == problem
+
+
+def test_npu_out_of_memory_is_transient_and_the_rest_permanent() -> None:
+    """Another process may free NPU memory, so that init failure is retried; the others need the user."""
+    oom = start_error("init_failed", "rkllm_init failed", {protocol.FACT_RUNTIME_PROBLEM: "npu_out_of_memory"})
+    assert isinstance(oom, EngineUnavailableError)
+    assert oom.reason == "npu_out_of_memory"
+    other = start_error("init_failed", "rkllm_init failed", {})
+    assert isinstance(other, RuntimeIncompatibleError)
+    assert other.reason == "init_failed"
+    assert other.details == {"code": "init_failed"}
 
 
 async def test_prompt_too_long_is_a_context_overflow_with_numbers(
@@ -383,6 +501,7 @@ async def test_remote_worker_refuses_a_wrong_secret_with_a_specific_error(
     client = make_client(remote(remote_worker, secret="wrong"))
     with pytest.raises(EngineUnavailableError) as refused:
         await client.start(spec_for(write_model(tmp_path / "m.model")))
+    assert refused.value.reason == "secret_refused"
     assert str(refused.value) == f"remote rkllm worker 127.0.0.1:{remote_worker.port} refused the secret"
     assert client.state is WorkerState.FAILED
 
@@ -395,6 +514,7 @@ async def test_remote_worker_refuses_a_second_concurrent_client_as_busy(
     second = make_client(remote(remote_worker))
     with pytest.raises(EngineUnavailableError) as busy:
         await second.start(spec)
+    assert busy.value.reason == "worker_busy"
     assert str(busy.value) == (
         f"remote rkllm worker 127.0.0.1:{remote_worker.port} is busy: another client is connected"
     )
@@ -407,8 +527,11 @@ async def test_connection_refused_names_host_and_port(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     client = make_client(WorkerLocation(host="127.0.0.1", port=port, secret="x"))
-    with pytest.raises(EngineUnavailableError, match=f"remote rkllm worker 127.0.0.1:{port} refused the connection"):
+    with pytest.raises(
+        EngineUnavailableError, match=f"remote rkllm worker 127.0.0.1:{port} refused the connection"
+    ) as e:
         await client.start(spec_for(write_model(tmp_path / "m.model")))
+    assert e.value.reason == "worker_unreachable"
 
 
 async def test_remote_hang_drops_the_connection_and_the_remote_worker_exits_for_its_supervisor(
@@ -425,3 +548,68 @@ async def test_remote_hang_drops_the_connection_and_the_remote_worker_exits_for_
     assert client.state is WorkerState.RESTARTING
     # The remote side got the same grace with the abort and exits, so systemd (Restart=always) starts it fresh.
     assert await asyncio.wait_for(remote_worker.process.wait(), 5) == 75
+
+
+async def test_probe_says_hello_without_loading_and_frees_the_worker_for_the_real_client(
+    make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
+) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    hello = await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+    assert hello.pid == remote_worker.process.pid
+    assert hello.protocol_version == protocol.PROTOCOL_VERSION
+    assert not hello.initialized  # nothing was loaded
+    assert len(asyncio.all_tasks()) <= tasks_before  # the probe leaves no reader or background task
+
+    client = make_client(remote(remote_worker))  # the session the probe held is free again
+    await client.start(spec_for(write_model(tmp_path / "m.model")))
+    await client.stop()
+    assert (await WorkerClient.probe(remote(remote_worker), timeout_s=5)).initialized  # the model stays loaded
+
+
+async def test_probe_failures_carry_their_reason(
+    make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
+) -> None:
+    with pytest.raises(EngineUnavailableError) as refused:
+        await WorkerClient.probe(remote(remote_worker, secret="wrong"), timeout_s=5)
+    assert refused.value.reason == "secret_refused"
+    with pytest.raises(EngineUnavailableError) as no_secret:
+        await WorkerClient.probe(remote(remote_worker, secret=""), timeout_s=5)
+    assert no_secret.value.reason == "secret_refused"
+
+    await make_client(remote(remote_worker)).start(spec_for(write_model(tmp_path / "m.model")))
+    with pytest.raises(EngineUnavailableError) as busy:
+        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+    assert busy.value.reason == "worker_busy"
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(EngineUnavailableError) as unreachable:
+        await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=5)
+    assert unreachable.value.reason == "worker_unreachable"
+    with pytest.raises(ValueError, match="remote"):
+        await WorkerClient.probe(WorkerLocation(), timeout_s=5)
+
+
+async def test_probe_of_a_worker_speaking_another_protocol_is_a_protocol_mismatch(
+    remote_worker: RemoteWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)  # this side only
+    with pytest.raises(RuntimeIncompatibleError) as refused:
+        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+    assert refused.value.reason == "protocol_mismatch"
+
+
+async def test_probe_of_a_silent_listener_times_out_as_unreachable(socket_enabled: None) -> None:
+    """A port that accepts but never speaks (not a worker) gives up within the timeout instead of hanging."""
+    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailableError) as silent:
+            await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=0.3)
+        assert silent.value.reason == "worker_unreachable"
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -26,6 +26,7 @@ from rkllm_engine.types import (
     InvalidRequestError,
     Priority,
     QueueFullError,
+    RuntimeIncompatibleError,
     TextDelta,
     ToolCallArgsDelta,
     ToolCallEnd,
@@ -334,8 +335,9 @@ async def test_admission_errors_are_immediate_and_stop_cleans_up(make_engine: En
 async def test_start_failure_is_one_clear_error(tmp_path: Path) -> None:
     model = model_file(tmp_path, fault="init_fail")
     engine = Engine(EngineConfig(library_path=str(emulator_library("v12x")), model_path=str(model)))
-    with pytest.raises(EngineUnavailableError, match="init_fail"):
+    with pytest.raises(RuntimeIncompatibleError, match="init_fail") as refused:
         await engine.start()
+    assert refused.value.reason == "init_failed"  # the runtime refused the model: retrying cannot help
     assert engine.metrics.state is EngineState.ERROR
     assert engine.metrics.last_error is not None
     with pytest.raises(EngineUnavailableError, match="could not be loaded"):

@@ -44,6 +44,8 @@ from custom_components.rkllm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from rkllm_engine.client import InitSpec, WorkerClient, WorkerLocation
+from rkllm_native import protocol
 from tests.ha.conftest import FAST_ENV, RemoteWorker, fake_library, free_tcp_port
 from tests.ha_shared import flow_input
 
@@ -247,34 +249,52 @@ async def test_remote_worker_entry(
     assert entry.runtime_data.engine.metrics.runtime_version == "1.2.3"
 
 
-async def test_remote_worker_refuses_the_secret(
-    hass: HomeAssistant, remote_worker: RemoteWorker, emulator_lib: str, assist_model: Path
+@pytest.mark.parametrize(
+    ("case", "errors"),
+    [
+        ("wrong_secret", {CONF_WORKER_SECRET: "invalid_auth"}),
+        ("unreachable", {"base": "cannot_connect"}),
+        ("busy", {"base": "worker_busy"}),
+        ("other_protocol_version", {"base": "worker_version_mismatch"}),
+    ],
+)
+async def test_remote_probe_failure_is_shown_by_its_reason(
+    hass: HomeAssistant,
+    remote_worker: RemoteWorker,
+    emulator_lib: str,
+    assist_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    errors: dict[str, str],
 ) -> None:
-    result = await _start_remote_flow(hass, emulator_lib, assist_model)
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"],
-        {CONF_WORKER_HOST: remote_worker.host, CONF_WORKER_PORT: remote_worker.port, CONF_WORKER_SECRET: "wrong"},
-    )
+    """The probe's typed reason picks the form error; the form stays open with the one-line detail."""
+    host, port, secret = remote_worker.host, remote_worker.port, remote_worker.secret
+    holder = WorkerClient(WorkerLocation(host=host, port=port, secret=secret))
+    if case == "wrong_secret":
+        secret = "wrong"
+    elif case == "unreachable":
+        port = free_tcp_port()
+    elif case == "busy":  # another client holds the worker's only session
+        await holder.start(InitSpec(emulator_lib, str(assist_model), None, {}))
+    elif case == "other_protocol_version":
+        monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)  # this side only
+    try:
+        result = await _start_remote_flow(hass, emulator_lib, assist_model)
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_WORKER_HOST: host, CONF_WORKER_PORT: port, CONF_WORKER_SECRET: secret}
+        )
+    finally:
+        await holder.stop()
     assert result["type"] is FlowResultType.FORM
-    assert result["errors"] == {CONF_WORKER_SECRET: "invalid_auth"}
-    assert "refused the secret" in result["description_placeholders"]["error_detail"]
+    assert result["step_id"] == "remote"
+    assert result["errors"] == errors
+    assert result["description_placeholders"]["error_detail"]
 
 
-@pytest.mark.usefixtures("socket_enabled")
-async def test_remote_worker_unreachable(hass: HomeAssistant, emulator_lib: str, assist_model: Path) -> None:
-    result = await _start_remote_flow(hass, emulator_lib, assist_model)
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"],
-        {CONF_WORKER_HOST: "127.0.0.1", CONF_WORKER_PORT: free_tcp_port(), CONF_WORKER_SECRET: "secret"},
-    )
-    assert result["type"] is FlowResultType.FORM
-    assert result["errors"] == {"base": "cannot_connect"}
-
-
-async def test_remote_worker_cannot_load_the_model(
+async def test_remote_probe_loads_nothing_and_setup_reports_a_model_missing_there(
     hass: HomeAssistant, remote_worker: RemoteWorker, emulator_lib: str, tmp_path: Path
 ) -> None:
-    """The worker answers, but the model path does not exist on its machine."""
+    """The probe only proves host, port and secret; the model path on the worker is checked by the setup."""
     result = await _start_remote_flow(hass, emulator_lib, tmp_path / "not-on-the-worker.model")
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"],
@@ -284,9 +304,11 @@ async def test_remote_worker_cannot_load_the_model(
             CONF_WORKER_SECRET: remote_worker.secret,
         },
     )
-    assert result["type"] is FlowResultType.FORM
-    assert result["errors"] == {"base": "remote_init_failed"}
-    assert "not-on-the-worker.model" in result["description_placeholders"]["error_detail"]
+    await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    entry = result["result"]
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.error_reason_translation_key == "setup_model_invalid"
 
 
 def _options(**overrides: Any) -> dict[str, Any]:

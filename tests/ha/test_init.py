@@ -17,6 +17,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 import custom_components.rkllm as rkllm_init
 from custom_components.rkllm.const import (
+    CONF_ABI_PROFILE,
     CONF_CONTEXT_LENGTH,
     CONF_WORKER,
     CONF_WORKER_HOST,
@@ -27,6 +28,7 @@ from custom_components.rkllm.const import (
 from rkllm_engine.types import EngineState
 from tests.ha.conftest import (
     ASSIST_MODEL,
+    RemoteWorker,
     child_pids,
     conversation_subentry,
     entry_data,
@@ -134,50 +136,73 @@ def _issue(hass: HomeAssistant, key: str, entry: MockConfigEntry) -> ir.IssueEnt
     return ir.async_get(hass).async_get_issue(DOMAIN, f"{key}_{entry.entry_id}")
 
 
-async def test_missing_library_is_a_setup_error_with_a_repair(
-    hass: HomeAssistant, assist_model: Path, tmp_path: Path
+SETUP_ISSUES = ("library_missing", "library_unsupported", "model_platform_mismatch")
+
+
+@pytest.mark.parametrize("worker", ["local", "remote"])
+@pytest.mark.parametrize(
+    ("case", "translation_key", "issue"),
+    [
+        ("library_missing", "setup_library_missing", "library_missing"),
+        ("library_too_old", "setup_library_unsupported", "library_unsupported"),
+        ("profile_mismatch", "setup_library_unsupported", "library_unsupported"),
+        ("model_for_another_soc", "setup_model_platform_mismatch", "model_platform_mismatch"),
+        ("model_missing", "setup_model_invalid", None),
+        ("model_from_newer_toolkit", "setup_model_invalid", None),
+        ("context_over_model_limit", "setup_model_invalid", None),
+    ],
+)
+async def test_each_permanent_failure_is_a_setup_error_with_its_repair(
+    hass: HomeAssistant,
+    *,
+    request: pytest.FixtureRequest,
+    emulator_lib: str,
+    assist_model: Path,
+    tmp_path: Path,
+    worker: str,
+    case: str,
+    translation_key: str,
+    issue: str | None,
 ) -> None:
-    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(str(tmp_path / "librkllmrt.so"), assist_model))
+    """Retrying cannot fix these, locally or on a remote worker: the worker's typed reason picks error and repair."""
+    library, model, overrides = emulator_lib, assist_model, dict[str, object]()
+    if case == "library_missing":
+        library = str(tmp_path / "librkllmrt.so")
+    elif case == "library_too_old":
+        library = fake_library(tmp_path / "librkllmrt.so", b"RKLLM SDK (version: 1.1.4 | target: Linux)")
+    elif case == "profile_mismatch":
+        overrides[CONF_ABI_PROFILE] = "v130"  # the emulator library is 1.2.3 (v12x)
+    elif case == "model_for_another_soc":
+        model = tmp_path / "rk3576-board.model"
+        model.write_text(ASSIST_MODEL + "host_platform = RK3576\n", encoding="utf-8")
+    elif case == "model_missing":
+        model = tmp_path / "absent.model"
+    elif case == "model_from_newer_toolkit":
+        model = tmp_path / "new-toolkit.model"
+        model.write_text(ASSIST_MODEL + "toolkit_version = 1.9.0\n", encoding="utf-8")
+    elif case == "context_over_model_limit":
+        overrides[CONF_CONTEXT_LENGTH] = 8192  # the model's max_context_limit is 4096
+    if worker == "remote":
+        remote: RemoteWorker = request.getfixturevalue("remote_worker")
+        overrides |= {
+            CONF_WORKER: "remote",
+            CONF_WORKER_HOST: remote.host,
+            CONF_WORKER_PORT: remote.port,
+            CONF_WORKER_SECRET: remote.secret,
+        }
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(library, model, **overrides))
     await _setup(hass, entry)
     assert entry.state is ConfigEntryState.SETUP_ERROR
-    assert entry.reason is not None
-    assert str(tmp_path / "librkllmrt.so") in entry.reason
-    assert _issue(hass, "library_missing", entry) is not None
-    assert child_pids() == set()
-
-
-async def test_unsupported_library_is_a_setup_error_with_a_repair(
-    hass: HomeAssistant, assist_model: Path, tmp_path: Path
-) -> None:
-    old = fake_library(tmp_path / "librkllmrt.so", b"RKLLM SDK (version: 1.1.4 | target: Linux)")
-    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(old, assist_model))
-    await _setup(hass, entry)
-    assert entry.state is ConfigEntryState.SETUP_ERROR
-    assert entry.reason is not None
-    assert "1.1.4" in entry.reason
-    assert _issue(hass, "library_unsupported", entry) is not None
-
-
-async def test_model_for_another_platform_is_a_setup_error_with_a_repair(
-    hass: HomeAssistant, emulator_lib: str, tmp_path: Path
-) -> None:
-    """The runtime refuses a model converted for another SoC; the runtime's own line reaches the user."""
-    model = tmp_path / "rk3576-board.model"
-    model.write_text(ASSIST_MODEL + "host_platform = RK3576\n", encoding="utf-8")
-    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(emulator_lib, model))
-    await _setup(hass, entry)
-    assert entry.state is ConfigEntryState.SETUP_ERROR
-    assert _issue(hass, "model_platform_mismatch", entry) is not None
-    assert child_pids() == set()
-
-
-async def test_broken_model_file_is_a_setup_error(hass: HomeAssistant, emulator_lib: str, tmp_path: Path) -> None:
-    model = tmp_path / "broken.model"
-    model.write_text("rkllm-emulator-model 1\nthis line is not a setting\n", encoding="utf-8")
-    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(emulator_lib, model))
-    await _setup(hass, entry)
-    assert entry.state is ConfigEntryState.SETUP_ERROR
-    assert child_pids() == set()
+    assert entry.error_reason_translation_key == translation_key
+    raised = {key for key in SETUP_ISSUES if _issue(hass, key, entry) is not None}
+    assert raised == ({issue} if issue else set())
+    if case == "library_too_old":
+        found = _issue(hass, "library_unsupported", entry)
+        assert found is not None
+        assert found.translation_placeholders is not None
+        assert found.translation_placeholders["version"] == "1.1.4"
+    if worker == "local":  # (a remote worker is the fixture's own child and keeps serving)
+        assert child_pids() == set()
 
 
 async def test_setup_issues_clear_after_a_successful_setup(
@@ -194,22 +219,31 @@ async def test_setup_issues_clear_after_a_successful_setup(
     assert _issue(hass, "library_missing", entry) is None
 
 
-@pytest.mark.usefixtures("socket_enabled")
-async def test_unreachable_remote_worker_is_not_ready(
-    hass: HomeAssistant, emulator_lib: str, assist_model: Path
+@pytest.mark.parametrize("case", ["unreachable", "wrong_secret"])
+async def test_a_transient_remote_failure_is_not_ready(
+    hass: HomeAssistant,
+    request: pytest.FixtureRequest,
+    emulator_lib: str,
+    assist_model: Path,
+    case: str,
+    socket_enabled: None,
 ) -> None:
-    """A worker host that is down may come back: HA retries the setup later."""
+    """A worker host that is down (or whose secret is being changed) may come back: HA retries the setup later."""
+    if case == "unreachable":
+        host, port, secret = "127.0.0.1", free_tcp_port(), "secret"
+    else:
+        remote: RemoteWorker = request.getfixturevalue("remote_worker")
+        host, port, secret = remote.host, remote.port, "wrong"
     data = entry_data(
         emulator_lib,
         assist_model,
-        **{CONF_WORKER: "remote", CONF_WORKER_HOST: "127.0.0.1", CONF_WORKER_PORT: free_tcp_port()},
-        **{CONF_WORKER_SECRET: "secret"},
+        **{CONF_WORKER: "remote", CONF_WORKER_HOST: host, CONF_WORKER_PORT: port, CONF_WORKER_SECRET: secret},
     )
     entry = MockConfigEntry(domain=DOMAIN, data=data)
     await _setup(hass, entry)
     assert entry.state is ConfigEntryState.SETUP_RETRY
-    assert entry.reason is not None
-    assert "refused the connection" in entry.reason
+    assert entry.error_reason_translation_key == "setup_worker_failed"
+    assert not {key for key in SETUP_ISSUES if _issue(hass, key, entry) is not None}
 
 
 async def test_model_load_longer_than_the_bound_is_not_ready(
