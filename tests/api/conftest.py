@@ -7,6 +7,7 @@ exist for an admin and a read-only user; the official `openai` SDK is pointed at
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,11 @@ async def openai_client(api: ApiServer) -> AsyncGenerator[AsyncOpenAI]:
 def sse_lines(body: str) -> list[str]:
     """The non-empty lines of an SSE body."""
     return [line for line in body.split("\n") if line]
+
+
+def sse_chunks(body: str) -> list[dict[str, Any]]:
+    """The JSON chunks of an SSE body: its `data: {…}` lines, without ping comments and `data: [DONE]`."""
+    return [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
 
 
 @pytest.fixture

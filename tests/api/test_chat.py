@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from homeassistant.core import HomeAssistant
 from openai import AsyncOpenAI, BadRequestError
+from openai.types.chat import ChatCompletion
 
-from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, write_model
+from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, sse_chunks, write_model
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -189,8 +190,7 @@ async def test_streamed_tool_call_deltas_carry_index_and_name_once(api: ApiServe
             "stream": True,
         },
     )
-    text = await response.text()
-    payloads = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+    payloads = sse_chunks(await response.text())
     entries = [entry for p in payloads for entry in p["choices"][0]["delta"].get("tool_calls", [])]
     assert all(isinstance(entry["index"], int) for entry in entries)
     assert sorted({entry["index"] for entry in entries}) == [0, 1]
@@ -261,6 +261,16 @@ async def test_tool_choice_auto_lets_the_model_decide(openai_client: AsyncOpenAI
     assert completion.choices[0].message.content == "You said: Hello there"
 
 
+async def final_completion(client: AsyncOpenAI, request: dict[str, Any], *, stream: bool) -> ChatCompletion:
+    """The completion as the SDK assembles it, from a streamed run (read to the end) or a plain one."""
+    if not stream:
+        return await client.chat.completions.create(**request)
+    async with client.chat.completions.stream(**request) as events:
+        async for _ in events:
+            pass
+        return await events.get_final_completion()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_tool_choice_required_forces_a_call(openai_client: AsyncOpenAI, stream: bool) -> None:
     request: dict[str, Any] = {
@@ -269,14 +279,7 @@ async def test_tool_choice_required_forces_a_call(openai_client: AsyncOpenAI, st
         "tools": [WEATHER_TOOL, TIME_TOOL],
         "tool_choice": "required",
     }
-    if stream:
-        async with openai_client.chat.completions.stream(**request) as events:
-            async for _ in events:
-                pass
-            completion = await events.get_final_completion()
-    else:
-        completion = await openai_client.chat.completions.create(**request)
-    choice = completion.choices[0]
+    choice = (await final_completion(openai_client, request, stream=stream)).choices[0]
     [call] = choice.message.tool_calls or []
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
@@ -293,14 +296,7 @@ async def test_tool_choice_named_calls_that_tool_and_finishes_with_stop(
         "tools": [WEATHER_TOOL, TIME_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
     }
-    if stream:
-        async with openai_client.chat.completions.stream(**request) as events:
-            async for _ in events:
-                pass
-            completion = await events.get_final_completion()
-    else:
-        completion = await openai_client.chat.completions.create(**request)
-    choice = completion.choices[0]
+    choice = (await final_completion(openai_client, request, stream=stream)).choices[0]
     [call] = choice.message.tool_calls or []
     assert call.function.name == "get_time"
     assert isinstance(json.loads(call.function.arguments), dict)
@@ -334,7 +330,7 @@ async def test_stop_string_is_not_returned(api: ApiServer, stream: bool) -> None
     )
     assert response.status == 200
     if stream:
-        payloads = [json.loads(line[6:]) for line in (await response.text()).split("\n") if line.startswith("data: {")]
+        payloads = sse_chunks(await response.text())
         text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
         finish = payloads[-1]["choices"][0]["finish_reason"]
     else:
@@ -365,7 +361,7 @@ async def test_json_response_format_strips_the_code_fence(api: ApiServer, stream
     )
     assert response.status == 200
     if stream:
-        payloads = [json.loads(line[6:]) for line in (await response.text()).split("\n") if line.startswith("data: {")]
+        payloads = sse_chunks(await response.text())
         text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
     else:
         text = (await response.json())["choices"][0]["message"]["content"]
@@ -431,7 +427,7 @@ async def test_thinking_goes_to_reasoning_content_not_content(thinking_api: ApiS
     response = await thinking_api.client.post("/v1/chat/completions", headers=thinking_api.auth(), json=body)
     assert response.status == 200
     if stream:
-        payloads = [json.loads(line[6:]) for line in (await response.text()).split("\n") if line.startswith("data: {")]
+        payloads = sse_chunks(await response.text())
         deltas = [p["choices"][0]["delta"] for p in payloads]
         content = "".join(delta.get("content") or "" for delta in deltas)
         reasoning = "".join(delta.get("reasoning_content") or "" for delta in deltas)

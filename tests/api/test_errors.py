@@ -29,6 +29,7 @@ from .conftest import (
     ApiServer,
     add_entry,
     runtime_of,
+    sse_chunks,
     write_model,
 )
 
@@ -411,5 +412,5 @@ async def test_keepalive_pings_while_queued(loaded_entry: Any, api: ApiServer, f
         await blocker.cancel()
     rest = (await response.content.read()).decode()
     assert rest.endswith("data: [DONE]\n\n")
-    payloads = [json.loads(line[6:]) for line in rest.split("\n") if line.startswith("data: {")]
+    payloads = sse_chunks(rest)
     assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads) == "You said: Hello"
