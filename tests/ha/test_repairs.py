@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from custom_components.rkllm.repairs import (
     issue_id_for,
 )
 from rkllm_engine.engine import Engine
-from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineMetrics, EngineState
-from tests.ha.conftest import entry_data
+from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineState
+from tests.ha.conftest import entry_data, wait_for_metrics
 
 INTEGRATION_DIR = Path(__file__).resolve().parents[2] / "custom_components" / "rkllm"
 LEARN_MORE = "https://github.com/rkllm/rkllm#troubleshooting"
@@ -71,23 +70,6 @@ async def unload(hass: HomeAssistant, entry: MockConfigEntry) -> None:
 
 def issue(hass: HomeAssistant, key: str, entry: MockConfigEntry) -> ir.IssueEntry | None:
     return ir.async_get(hass).async_get_issue(DOMAIN, issue_id_for(key, entry.entry_id))
-
-
-async def wait_for_metrics(engine: Engine, condition: Callable[[EngineMetrics], bool], timeout_s: float = 30) -> None:
-    """Wait until the engine publishes metrics meeting `condition`."""
-    reached = asyncio.Event()
-
-    def check(metrics: EngineMetrics) -> None:
-        if condition(metrics):
-            reached.set()
-
-    remove = engine.add_listener(check)
-    try:
-        check(engine.metrics)
-        async with asyncio.timeout(timeout_s):
-            await reached.wait()
-    finally:
-        remove()
 
 
 async def wait_for_issue(hass: HomeAssistant, key: str, entry: MockConfigEntry, present: bool) -> None:

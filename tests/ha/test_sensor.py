@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,8 @@ from homeassistant.helpers.event import async_track_state_change_event
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rkllm.const import DOMAIN
-from rkllm_engine.engine import Engine
-from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineMetrics, EngineState, Priority
-from tests.ha.conftest import entry_data
+from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineState, Priority
+from tests.ha.conftest import entry_data, wait_for_metrics
 
 CONTEXT_LENGTH = 1024
 EMULATOR_ENV = {"RKLLM_EMULATOR_SPEED": "20"}
@@ -90,23 +88,6 @@ def record_states(hass: HomeAssistant, entity_ids: list[str]) -> dict[str, list[
 
     async_track_state_change_event(hass, entity_ids, remember)
     return seen
-
-
-async def wait_for_metrics(engine: Engine, condition: Callable[[EngineMetrics], bool], timeout_s: float = 30) -> None:
-    """Wait until the engine publishes metrics meeting `condition` (e.g. the slot freed after the last event)."""
-    reached = asyncio.Event()
-
-    def check(metrics: EngineMetrics) -> None:
-        if condition(metrics):
-            reached.set()
-
-    remove = engine.add_listener(check)
-    try:
-        check(engine.metrics)
-        async with asyncio.timeout(timeout_s):
-            await reached.wait()
-    finally:
-        remove()
 
 
 def chat(text: str) -> ChatRequest:
