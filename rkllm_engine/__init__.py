@@ -38,6 +38,7 @@ from rkllm_engine.types import Priority as Priority
 from rkllm_engine.types import QueueFullError as QueueFullError
 from rkllm_engine.types import ReasoningDelta as ReasoningDelta
 from rkllm_engine.types import Role as Role
+from rkllm_engine.types import RuntimeIncompatibleError as RuntimeIncompatibleError
 from rkllm_engine.types import Sampling as Sampling
 from rkllm_engine.types import TextDelta as TextDelta
 from rkllm_engine.types import ToolCall as ToolCall
