@@ -17,8 +17,8 @@ tools = the Assist tools, from /work/shared/data/assist/assist_dump_2026.2.3.jso
 
 Two latencies per request:
 - `call_ready`: the engine's `Perf.ttft_s` = slot grant -> first visible event. The answer is a tool call,
-  and the engine emits a call only once it is complete, so this contains the whole call's decoding (~48
-  tokens, about 2.9 s at 16.69 tok/s on the board) besides the prefill and the engine's own overhead.
+  and the engine emits a call only once it is complete, so this contains the whole call's decoding (~32
+  tokens, about 1.9 s at 16.69 tok/s on the board) besides the prefill and the engine's own overhead.
 - `first_token`: time to the first generated token = the runtime's perf figures for this run (prefill time
   + one decode step) x speed, plus the engine overhead unscaled. This is the TTFT of the final line.
 - `overhead_ms`: the part of `call_ready` not spent inside the runtime (wall `ttft_s` minus the run's
