@@ -76,7 +76,12 @@ async def test_loading_is_503_then_healthy(
         await asyncio.sleep(0.05)
     assert await setup
     assert (503, "loading") in statuses
-    assert all(status == 503 for status, _ in statuses)
+    # 503 until the model is loaded, then 200 for good; the engine can be ready a moment before async_setup
+    # returns (platforms are still being forwarded), so a 200 may already show up inside the loop.
+    codes = [status for status, _ in statuses]
+    ready_from = codes.index(200) if 200 in codes else len(codes)
+    assert set(codes[:ready_from]) == {503}
+    assert set(codes[ready_from:]) <= {200}
     status, body = await get_health(api)
     assert (status, body["status"]) == (200, "healthy")
 
