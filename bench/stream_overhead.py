@@ -69,10 +69,9 @@ class Rate:
 
 
 def long_answer(tokens: int) -> str:
-    """Text of exactly `tokens` emulator tokens: words of <= 4 letters alternate with single spaces."""
+    """Text of exactly `tokens` emulator tokens: words of <= 6 letters, each with its leading space one token."""
     words = ["tok", "word", "fast", "npu", "text", "long", "run", "yes"]
-    text = " ".join(words[i % len(words)] for i in range((tokens + 1) // 2))  # 2n - 1 tokens
-    return text if tokens % 2 else text + "."
+    return " ".join(words[i % len(words)] for i in range(tokens))
 
 
 def write_model(directory: Path, decode: float, tokens: int) -> Path:
