@@ -342,6 +342,9 @@ class Engine:
         self._scheduler.close(EngineUnavailableError("the model is still loading"))
         self._scheduler.set_base_state(EngineState.LOADING)
         platform = config.platform or (local_platform() if config.worker.host is None else None)
+        # The model file's header is read in a thread: file I/O in the event loop stalls every other task
+        # (Home Assistant reports it as a bug of the integration).
+        family = await asyncio.get_running_loop().run_in_executor(None, template_family, config.model_path)
         spec = InitSpec(
             library_path=config.library_path,
             model_path=config.model_path,
@@ -366,7 +369,7 @@ class Engine:
             self._client = None
             raise
         self._planner = PromptPlanner(
-            template_family=template_family(config.model_path),
+            template_family=family,
             context_length=config.context_length,
             default_max_new_tokens=config.max_new_tokens,
         )

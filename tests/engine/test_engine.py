@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -330,6 +331,28 @@ async def test_admission_errors_are_immediate_and_stop_cleans_up(make_engine: En
     with pytest.raises(EngineUnavailableError):
         engine.submit(ChatRequest(messages=[ChatMessage("user", "late")]))
     assert engine.metrics.state is EngineState.STOPPED
+
+
+async def test_start_reads_the_model_file_off_the_event_loop(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Home Assistant reports file I/O inside its event loop as a bug of the integration."""
+    model = model_file(tmp_path, prefill_tokens_per_s=100000, decode_tokens_per_s=2000, default_answer="Hi.")
+    loop_thread = threading.get_ident()
+    opened_on_loop: list[str] = []
+    real_open = Path.open
+
+    def tracking_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == model and threading.get_ident() == loop_thread:
+            opened_on_loop.append(str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", tracking_open)
+    engine = await make_engine(model, speed=1)
+    assert opened_on_loop == []
+    # The header was still read: the emulator file is a ChatML model, so a tool call can be forced.
+    _, finished = await engine.submit(assist_request("turn on the kitchen light", tool_choice="HassTurnOn")).collect()
+    assert [call.name for call in finished.tool_calls] == ["HassTurnOn"]
 
 
 async def test_start_failure_is_one_clear_error(tmp_path: Path) -> None:
