@@ -754,6 +754,7 @@ class WorkerClient:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         except OSError as err:
+            parent_sock.close()
             process.kill()
             await process.wait()
             raise EngineUnavailableError(
@@ -791,6 +792,9 @@ class WorkerClient:
             raise self._remote_error(
                 f"cannot reach remote rkllm worker {where}: {err.strerror or err}", "worker_unreachable"
             ) from err
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            protocol.enable_keepalive(sock)  # a board that lost power ends the session instead of hanging it
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self._authenticate(reader, writer, where)

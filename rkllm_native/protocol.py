@@ -295,6 +295,25 @@ def _require_int(message: dict[str, Any], key: str) -> int:
 # ---------------------------------------------------------------------------
 
 
+# A peer that vanishes without closing (power loss, a dropped network) is noticed after about
+# KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT seconds of silence, instead of never.
+KEEPALIVE_IDLE_S: Final = 30
+KEEPALIVE_INTERVAL_S: Final = 10
+KEEPALIVE_COUNT: Final = 3
+
+
+def enable_keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive so a dead remote peer ends the session (the worker serves one client at a time)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):  # Linux has all three; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def read_secret_file(path: str | Path) -> str:
     """Read the shared secret (first line, stripped) so both sides can keep it out of command lines."""
     secret_path = Path(path)

@@ -996,6 +996,8 @@ class RemoteServer:
                 continue
             if self._authenticate(conn, peer):
                 conn.settimeout(None)
+                # Without it a client that vanished silently would hold the only session until a manual restart.
+                protocol.enable_keepalive(conn)
                 self._handoff.put(conn)
             else:
                 self._session.release()

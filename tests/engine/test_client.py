@@ -486,6 +486,10 @@ async def test_remote_worker_with_the_right_secret_serves_and_keeps_the_model_ac
     assert info.pid == remote_worker.process.pid
     assert await collect(count_run(client)) == COUNT_ANSWER
     assert any(line.startswith("I rkllm: rkllm-runtime version: 1.2.3") for line in client.recent_log)
+    # TCP keepalive: a board that loses power ends the session instead of leaving it open forever.
+    assert client._session is not None
+    transport_socket = client._session.writer.get_extra_info("socket")
+    assert transport_socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     await client.stop()
     assert remote_worker.process.returncode is None  # stop() ends the session, not the remote service
 

@@ -154,3 +154,13 @@ def test_secret_file_missing_or_empty_is_a_clear_error(tmp_path: Path) -> None:
     empty.write_text("\n   \n")
     with pytest.raises(protocol.SecretFileError, match=f"secret file {empty} is empty"):
         protocol.read_secret_file(empty)
+
+
+def test_keepalive_is_on_with_short_probes(socket_enabled: None) -> None:
+    """A remote session's socket notices a vanished peer within about a minute (Linux options)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        protocol.enable_keepalive(tcp)
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == protocol.KEEPALIVE_IDLE_S
+            assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == protocol.KEEPALIVE_COUNT
