@@ -500,9 +500,8 @@ class Engine:
         if client is None or planner is None:
             raise EngineUnavailableError(STOPPED_MESSAGE)
         granted_at = ticket.granted_at or time.monotonic()
-        if client.state is not WorkerState.READY:
-            # The slot was granted while the worker restarts: wait for it (a failed worker raises).
-            await client.wait_ready(WORKER_READY_TIMEOUT_S)
+        if client.state is not WorkerState.READY and not await self._wait_for_worker(client, ticket):
+            return False
         plan = planner.plan(request)
         completed = False
         try:
@@ -521,6 +520,24 @@ class Engine:
         finally:
             if not completed:
                 planner.invalidate()
+
+    @staticmethod
+    async def _wait_for_worker(client: WorkerClient, ticket: Ticket) -> bool:
+        """The slot was granted while the worker restarts: wait for it; False if the request is cancelled meanwhile.
+
+        A restart can take a backoff plus a model load; a cancelled request (client gone, `Generation.cancel`,
+        `Engine.stop`) must not sit through it holding the slot. A worker that fails for good raises.
+        """
+        waiting = asyncio.ensure_future(client.wait_ready(WORKER_READY_TIMEOUT_S))
+        ticket.set_abort(waiting.cancel)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if ticket.abort_requested and (current is None or not current.cancelling()):
+                return False
+            raise
+        return True
 
     async def _prepare(self, client: WorkerClient, plan: PromptPlan) -> int:
         """Apply the plan's prep ops; return the tokens the run will reuse from the KV cache."""

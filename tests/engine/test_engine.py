@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from rkllm_engine.client import WorkerState
 from rkllm_engine.engine import Engine, EngineConfig, default_cpu_mask
+from rkllm_engine.scheduler import Scheduler
 from rkllm_engine.types import (
     ChatMessage,
     ChatRequest,
@@ -293,6 +295,32 @@ async def test_worker_crash_gives_a_clean_error_and_the_next_request_succeeds(
     assert finished.finish_reason == "stop"
     assert engine.metrics.restarts == 1
     assert engine.metrics.state is EngineState.IDLE
+
+
+async def test_a_request_granted_during_a_restart_is_released_at_once_when_cancelled() -> None:
+    """A cancel ends the wait of a request that holds the slot while the worker restarts.
+
+    The narrow race: the slot was granted just before the worker crashed, so the run waits for the restart
+    (backoff + model load); a cancel (client gone, `Generation.cancel`, `Engine.stop`) must end that wait.
+    """
+
+    class RestartingClient:
+        state = WorkerState.RESTARTING
+
+        async def wait_ready(self, timeout_s: float) -> None:
+            await asyncio.sleep(timeout_s)
+
+    scheduler = Scheduler(queue_size=2)
+    scheduler.open()
+    ticket = scheduler.admit(Priority.API)
+    await ticket.wait_for_slot()
+    waiting = asyncio.create_task(Engine._wait_for_worker(RestartingClient(), ticket))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    ticket.cancel()
+    assert await asyncio.wait_for(waiting, 1) is False
+    assert time.monotonic() - started < 0.2
+    ticket.release()
 
 
 async def test_completion_request_reaches_the_model_raw(make_engine: EngineFactory, tmp_path: Path) -> None:
