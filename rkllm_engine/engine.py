@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
+from rkllm_native import logparse
+
 from .client import InitSpec, RunFinished, RunStream, WorkerClient, WorkerLocation, WorkerState
 from .output import OutputParser, ParseResult
 from .prompting import ClearKV, PromptPlan, PromptPlanner, SetChatTemplate, SetFunctionTools, template_family
@@ -444,20 +446,16 @@ class Engine:
             self._scheduler.set_base_state(EngineState.IDLE)
             self._scheduler.resume()
         elif state is WorkerState.FAILED and not self._stopping:
-            reason = (client.last_error if client is not None else None) or self._last_problem() or "no reason recorded"
+            reason = (client.last_error if client is not None else None) or self.last_problem() or "no reason recorded"
             failures = client.consecutive_failures if client is not None else 0
             message = f"the rkllm worker failed {failures} time(s) in a row and is unavailable: {reason}"
             self._scheduler.close(EngineUnavailableError(message))
             self._scheduler.set_base_state(EngineState.ERROR, last_error=reason)
             self._started = False  # FAILED is terminal for the client: the owner recovers with start()
 
-    def _last_problem(self) -> str | None:
-        if self._client is None:
-            return None
-        for line in reversed(self._client.recent_log):
-            if line.startswith(("E ", "W ")) or "crash" in line:
-                return line
-        return None
+    def last_problem(self) -> str | None:
+        """The runtime's most recent error (or warning) line, or the worker's crash report: a one-line reason."""
+        return logparse.last_problem_line(self.recent_log())
 
     # -- one request -------------------------------------------------------------------------
 

@@ -124,11 +124,21 @@ def find_context_overflow(lines: Iterable[str]) -> ContextOverflow | None:
     return found
 
 
+# What Python's faulthandler prints when the worker dies on a signal (the worker enables it on its stderr).
+_CRASH_REPORT = re.compile(r"^\s*Fatal Python error:")
+
+
 def last_problem_line(lines: Iterable[str], levels: str = "EW") -> str | None:
-    """The most recent error (or warning) line, the best one-line reason to show a user."""
+    """The most recent error (or warning) line, the best one-line reason to show a user.
+
+    A crash report of the worker counts as an error line: it is what a dying worker leaves behind.
+    """
     last_error: str | None = None
     last_warning: str | None = None
     for raw in lines:
+        if "E" in levels and _CRASH_REPORT.match(raw):
+            last_error = raw.strip()
+            continue
         parsed = parse_line(raw)
         if parsed is None or parsed.level not in levels:
             continue

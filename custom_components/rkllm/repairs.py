@@ -80,15 +80,6 @@ _DRIVER_TOO_LOW_LINE = re.compile(
 _PLATFORM_MISMATCH_LINE = re.compile(r"^\s*E\s+rkllm:.*target_platform does not match the real platform", re.IGNORECASE)
 
 
-# What a dying worker leaves in the log: the runtime's own error lines, or Python's faulthandler report.
-_PROBLEM_LINE = re.compile(r"^\s*(?:E\s+rkllm:|Fatal Python error:)")
-
-
-def _last_problem_line(lines: list[str]) -> str | None:
-    """The most recent runtime error or crash report, to name a failure the engine did not describe."""
-    return next((line.strip() for line in reversed(lines) if _PROBLEM_LINE.match(line)), None)
-
-
 def issue_id_for(key: str, entry_id: str) -> str:
     """Issues are per entry: two runtimes on one host can have different problems."""
     return f"{key}_{entry_id}"
@@ -317,7 +308,7 @@ class EngineIssueTracker:
                 {
                     "title": self._title,
                     "restarts": str(restarts_in_a_row),
-                    "error": metrics.last_error or _last_problem_line(self._engine.recent_log()) or "not reported",
+                    "error": metrics.last_error or self._engine.last_problem() or "not reported",
                 },
             )
         elif metrics.state in LOADED_STATES:

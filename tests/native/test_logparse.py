@@ -62,3 +62,14 @@ def test_parse_line_splits_level_and_ignores_foreign_lines() -> None:
     assert logparse.parse_line("  W rkllm: Warning: low driver  ") == logparse.LogLine("W", "Warning: low driver")
     assert logparse.parse_line("rkllm-worker: listening on 127.0.0.1:1") is None
     assert logparse.parse_line("X rkllm: nope") is None
+
+
+def test_a_worker_crash_report_counts_as_the_last_error() -> None:
+    lines = [
+        "W rkllm: Warning: Your rknpu driver version is too low, please upgrade to 0.9.8",
+        "E rkllm: the context is not enough!",
+        "Fatal Python error: Segmentation fault",
+        "  File worker.py, line 1 in run",
+    ]
+    assert logparse.last_problem_line(lines) == "Fatal Python error: Segmentation fault"
+    assert logparse.last_problem_line(lines, levels="W") == lines[0]
