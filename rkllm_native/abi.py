@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import enum
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -708,8 +709,13 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {name: layout(profile) for name, profile in PROFILES.items()}
     else:
         report = layout(PROFILES[args.profile])
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    try:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `… | head`: the reader has what it wanted; exit quietly like other command-line tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
