@@ -455,7 +455,7 @@ class Engine:
 
     def last_problem(self) -> str | None:
         """The runtime's most recent error (or warning) line, or the worker's crash report: a one-line reason."""
-        return logparse.last_problem_line(self.recent_log())
+        return logparse.last_problem_line(self.recent_log(), crash_reports=True)
 
     # -- one request -------------------------------------------------------------------------
 

@@ -128,15 +128,16 @@ def find_context_overflow(lines: Iterable[str]) -> ContextOverflow | None:
 _CRASH_REPORT = re.compile(r"^\s*Fatal Python error:")
 
 
-def last_problem_line(lines: Iterable[str], levels: str = "EW") -> str | None:
-    """The most recent error (or warning) line, the best one-line reason to show a user.
+def last_problem_line(lines: Iterable[str], levels: str = "EW", *, crash_reports: bool = False) -> str | None:
+    """The most recent runtime error (or warning) line, the best one-line reason to show a user.
 
-    A crash report of the worker counts as an error line: it is what a dying worker leaves behind.
+    With `crash_reports`, the worker's own crash report counts as an error line too: it is what a dying worker
+    leaves behind when the runtime printed nothing (messages that already name the signal leave it out).
     """
     last_error: str | None = None
     last_warning: str | None = None
     for raw in lines:
-        if "E" in levels and _CRASH_REPORT.match(raw):
+        if crash_reports and "E" in levels and _CRASH_REPORT.match(raw):
             last_error = raw.strip()
             continue
         parsed = parse_line(raw)

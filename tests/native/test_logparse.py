@@ -71,5 +71,6 @@ def test_a_worker_crash_report_counts_as_the_last_error() -> None:
         "Fatal Python error: Segmentation fault",
         "  File worker.py, line 1 in run",
     ]
-    assert logparse.last_problem_line(lines) == "Fatal Python error: Segmentation fault"
-    assert logparse.last_problem_line(lines, levels="W") == lines[0]
+    assert logparse.last_problem_line(lines, crash_reports=True) == "Fatal Python error: Segmentation fault"
+    assert logparse.last_problem_line(lines) == "E rkllm: the context is not enough!"
+    assert logparse.last_problem_line(lines, levels="W", crash_reports=True) == lines[0]
