@@ -193,10 +193,9 @@ LLMResultCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(RKLLMResult), 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class RKLLMParamV12x(ctypes.Structure):
-    """Init parameters of 1.2.1-1.2.3: 208 bytes, with the img_* tag strings."""
-
-    _fields_ = [
+# RKLLMParam offsets 0-56 are the same in both profiles (rkllm-runtime.md §3: "offsets 0-55 are the same as 1.3.0",
+# then skip_special_token @56); the profiles differ from there on.
+_PARAM_HEAD: list[tuple[str, Any]] = [
         ("model_path", ctypes.c_char_p),
         ("max_context_len", ctypes.c_int32),
         ("max_new_tokens", ctypes.c_int32),
@@ -211,6 +210,14 @@ class RKLLMParamV12x(ctypes.Structure):
         ("mirostat_tau", ctypes.c_float),
         ("mirostat_eta", ctypes.c_float),
         ("skip_special_token", ctypes.c_bool),
+]
+
+
+class RKLLMParamV12x(ctypes.Structure):
+    """Init parameters of 1.2.1-1.2.3: 208 bytes, with the img_* tag strings."""
+
+    _fields_ = [
+        *_PARAM_HEAD,
         ("is_async", ctypes.c_bool),
         ("img_start", ctypes.c_char_p),
         ("img_end", ctypes.c_char_p),
@@ -275,20 +282,7 @@ class RKLLMParamV130(ctypes.Structure):
     """Init parameters of 1.3.0: 184 bytes, img_* removed, ignore_eos_token added."""
 
     _fields_ = [
-        ("model_path", ctypes.c_char_p),
-        ("max_context_len", ctypes.c_int32),
-        ("max_new_tokens", ctypes.c_int32),
-        ("top_k", ctypes.c_int32),
-        ("n_keep", ctypes.c_int32),
-        ("top_p", ctypes.c_float),
-        ("temperature", ctypes.c_float),
-        ("repeat_penalty", ctypes.c_float),
-        ("frequency_penalty", ctypes.c_float),
-        ("presence_penalty", ctypes.c_float),
-        ("mirostat", ctypes.c_int32),
-        ("mirostat_tau", ctypes.c_float),
-        ("mirostat_eta", ctypes.c_float),
-        ("skip_special_token", ctypes.c_bool),
+        *_PARAM_HEAD,
         ("ignore_eos_token", ctypes.c_bool),
         ("is_async", ctypes.c_bool),
         ("extend_param", RKLLMExtendParam),
