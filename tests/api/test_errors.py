@@ -101,6 +101,40 @@ CHAT_400_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"messages": USER_HELLO, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"messages": USER_HELLO, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": USER_HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "system"}, *USER_HELLO]}, "messages[0].content"),
+    ({"messages": [{"role": "developer", "content": None}, *USER_HELLO]}, "messages[0].content"),
+    (
+        {
+            "messages": [
+                *USER_HELLO,
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "custom", "function": {"name": "f"}}]},
+                *USER_HELLO,
+            ]
+        },
+        "messages[1].tool_calls[0].type",
+    ),
+    (
+        {
+            "messages": [
+                *USER_HELLO,
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]},
+                {"role": "tool", "tool_call_id": "c1"},
+            ]
+        },
+        "messages[2].content",
+    ),
+    ({"messages": [{"role": "function", "name": "f", "content": "42"}, *USER_HELLO]}, "messages[0].role"),
+    (
+        {
+            "messages": USER_HELLO,
+            "tools": [TOOL],
+            "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+        },
+        "tool_choice.type",
+    ),
+    ({"messages": USER_HELLO, "tools": [TOOL], "tool_choice": {"type": "custom", "custom": {}}}, "tool_choice.type"),
+    ({"messages": USER_HELLO, "modalities": ["text", "audio"]}, "modalities"),
 ]
 
 COMPLETION_400_CASES: list[tuple[dict[str, Any], str | None]] = [
@@ -113,6 +147,7 @@ COMPLETION_400_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"prompt": [1, 2, 3]}, "prompt"),
     ({"model": MODEL_ID}, "prompt"),
     ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
 ]
 
 

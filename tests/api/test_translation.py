@@ -69,6 +69,28 @@ def test_fence_filter_releases_held_backticks_that_were_content() -> None:
     assert json.loads(text) == {"code": "```"}
 
 
+@pytest.mark.parametrize("answer", ["", " ", "``", "  `"])
+def test_fence_filter_never_loses_text_that_never_decided(answer: str) -> None:
+    """An answer too short to tell whether a fence opens is released whole at the end."""
+    emitted, text = run_filter([answer])
+    assert emitted == [""]
+    assert text == answer
+
+
+def test_json_answer_cut_inside_a_fence_keeps_its_tail_streamed_and_plain() -> None:
+    """Cut by max_tokens inside the fence: the held-back backtick was content, so both forms end with it."""
+    translator = ChatCompletionTranslator(model="m", json_mode=True)
+    chunks = [
+        chunk
+        for event in (TextDelta("```json\n"), TextDelta('{"code": "a `'), finished("length"))
+        for chunk in translator.feed(event)
+    ]
+    streamed = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    completion = translator.completion()
+    assert streamed == completion["choices"][0]["message"]["content"] == '{"code": "a `'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_strip_code_fence() -> None:
     assert strip_code_fence('```json\n{"a": 1}\n```') == '{"a": 1}'
     assert strip_code_fence('{"a": 1}') == '{"a": 1}'
