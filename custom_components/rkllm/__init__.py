@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP
 from homeassistant.core import Event, HomeAssistant
-from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
+from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import slugify
@@ -137,11 +137,20 @@ def _library_version(err: RuntimeIncompatibleError) -> str:
 
 
 async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, err: EngineError) -> NoReturn:
-    """ConfigEntryError (+ the repair issue for its reason) when retrying cannot help, else ConfigEntryNotReady.
+    """Tell HA how to go on: give up (ConfigEntryError), ask for a new secret (ConfigEntryAuthFailed) or retry.
 
-    Decided by the error's type and `reason` (carried from the worker), never by its text.
+    ConfigEntryError (+ the repair issue for its reason) when retrying cannot help; ConfigEntryAuthFailed when a
+    remote worker refuses the secret (HA starts the reauth flow, which asks for the new one); else
+    ConfigEntryNotReady. Decided by the error's type and `reason` (carried from the worker), never by its text.
     """
     message = str(err)
+    if isinstance(err, EngineUnavailableError) and err.reason == "secret_refused":
+        # Retrying with the same secret cannot succeed; only the user knows the worker's new secret.
+        raise ConfigEntryAuthFailed(
+            translation_domain=DOMAIN,
+            translation_key="setup_secret_refused",
+            translation_placeholders={"error": message},
+        ) from err
     if not isinstance(err, RuntimeIncompatibleError):
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,

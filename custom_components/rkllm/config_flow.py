@@ -9,7 +9,6 @@ repair issue for a permanent problem there.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -141,10 +140,7 @@ REMOTE_PROBE_TIMEOUT_S: Final = 10.0
 
 def emulator_library_path() -> Path | None:
     """The built emulator library (a dev machine without an NPU), or None when it is not built."""
-    spec = importlib.util.find_spec("rkllm_native")
-    if spec is None or spec.origin is None:
-        return None
-    candidate = Path(spec.origin).parent / "emulator" / "build" / "librkllmrt-emu-v12x.so"
+    candidate = Path(detect.__file__).parent / "emulator" / "build" / "librkllmrt-emu-v12x.so"
     return candidate if candidate.is_file() else None
 
 
@@ -246,6 +242,10 @@ REMOTE_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_WORKER_PORT): _number(1, 65535),
         vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD)),
     }
+)
+# Reauth asks for the secret only: host and port stay as configured (reconfigure changes them).
+REAUTH_SCHEMA: Final = vol.Schema(
+    {vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))}
 )
 _INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT)
 _REMOTE_FIELDS: Final = (CONF_WORKER_HOST, CONF_WORKER_PORT, CONF_WORKER_SECRET)
@@ -350,6 +350,32 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
             data_schema=self.add_suggested_values_to_schema(REMOTE_SCHEMA, suggested),
             errors=errors,
             description_placeholders={"error_detail": detail},
+        )
+
+    async def async_step_reauth(self, entry_data: Mapping[str, Any]) -> ConfigFlowResult:
+        """Setup found the remote worker refusing the stored secret (ConfigEntryAuthFailed): ask for the new one."""
+        return await self.async_step_reauth_confirm()
+
+    async def async_step_reauth_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Probe the entered secret against the entry's worker; save it and reload only when the worker accepts it."""
+        from . import engine_config_from_entry
+
+        entry = self._get_reauth_entry()
+        errors: dict[str, str] = {}
+        detail = ""
+        if user_input is not None:
+            secret = user_input[CONF_WORKER_SECRET]
+            errors, detail = await self._async_probe_remote({**entry.data, CONF_WORKER_SECRET: secret})
+            if not errors:
+                return self.async_update_reload_and_abort(entry, data_updates={CONF_WORKER_SECRET: secret})
+        return self.async_show_form(
+            step_id="reauth_confirm",
+            data_schema=REAUTH_SCHEMA,
+            errors=errors,
+            description_placeholders={
+                "worker": engine_config_from_entry(entry.data).worker.describe(),
+                "error_detail": detail,
+            },
         )
 
     def _abort_if_model_configured(self, model_path: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from homeassistant.config_entries import ConfigEntryState, ConfigSubentry
+from homeassistant.config_entries import SOURCE_REAUTH, ConfigEntryState, ConfigSubentry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import device_registry as dr
@@ -219,30 +219,51 @@ async def test_setup_issues_clear_after_a_successful_setup(
     assert _issue(hass, "library_missing", entry) is None
 
 
-@pytest.mark.parametrize("case", ["unreachable", "wrong_secret"])
-async def test_a_transient_remote_failure_is_not_ready(
-    hass: HomeAssistant,
-    request: pytest.FixtureRequest,
-    emulator_lib: str,
-    assist_model: Path,
-    case: str,
-    socket_enabled: None,
+async def test_an_unreachable_remote_worker_is_not_ready(
+    hass: HomeAssistant, emulator_lib: str, assist_model: Path, socket_enabled: None
 ) -> None:
-    """A worker host that is down (or whose secret is being changed) may come back: HA retries the setup later."""
-    if case == "unreachable":
-        host, port, secret = "127.0.0.1", free_tcp_port(), "secret"
-    else:
-        remote: RemoteWorker = request.getfixturevalue("remote_worker")
-        host, port, secret = remote.host, remote.port, "wrong"
+    """A worker host that is down may come back: HA retries the setup later."""
     data = entry_data(
         emulator_lib,
         assist_model,
-        **{CONF_WORKER: "remote", CONF_WORKER_HOST: host, CONF_WORKER_PORT: port, CONF_WORKER_SECRET: secret},
+        **{
+            CONF_WORKER: "remote",
+            CONF_WORKER_HOST: "127.0.0.1",
+            CONF_WORKER_PORT: free_tcp_port(),
+            CONF_WORKER_SECRET: "secret",
+        },
     )
     entry = MockConfigEntry(domain=DOMAIN, data=data)
     await _setup(hass, entry)
     assert entry.state is ConfigEntryState.SETUP_RETRY
     assert entry.error_reason_translation_key == "setup_worker_failed"
+    assert not list(entry.async_get_active_flows(hass, {SOURCE_REAUTH}))
+    assert not {key for key in SETUP_ISSUES if _issue(hass, key, entry) is not None}
+
+
+@pytest.mark.parametrize("stored_secret", ["wrong", ""])
+async def test_a_refused_secret_fails_setup_and_starts_reauth(
+    hass: HomeAssistant, remote_worker: RemoteWorker, emulator_lib: str, assist_model: Path, stored_secret: str
+) -> None:
+    """Retrying with a secret the worker refuses (or none at all) cannot help: HA asks the user for the new one."""
+    data = entry_data(
+        emulator_lib,
+        assist_model,
+        **{
+            CONF_WORKER: "remote",
+            CONF_WORKER_HOST: remote_worker.host,
+            CONF_WORKER_PORT: remote_worker.port,
+            CONF_WORKER_SECRET: stored_secret,
+        },
+    )
+    entry = MockConfigEntry(domain=DOMAIN, data=data)
+    await _setup(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.error_reason_translation_key == "setup_secret_refused"
+    assert entry.reason is not None
+    assert "secret" in entry.reason
+    (flow,) = entry.async_get_active_flows(hass, {SOURCE_REAUTH})
+    assert flow["step_id"] == "reauth_confirm"
     assert not {key for key in SETUP_ISSUES if _issue(hass, key, entry) is not None}
 
 
