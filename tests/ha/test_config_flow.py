@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from homeassistant.config_entries import SOURCE_RECONFIGURE, SOURCE_USER, ConfigEntryState
+from homeassistant.config_entries import SOURCE_REAUTH, SOURCE_RECONFIGURE, SOURCE_USER, ConfigEntryState
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import llm
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.rkllm import config_flow
 from custom_components.rkllm.compat import HAS_AI_TASK
 from custom_components.rkllm.config_flow import (
     MIN_RKLLM_MODEL_BYTES,
@@ -46,7 +47,7 @@ from custom_components.rkllm.const import (
 )
 from rkllm_engine.client import InitSpec, WorkerClient, WorkerLocation
 from rkllm_native import protocol
-from tests.ha.conftest import FAST_ENV, RemoteWorker, fake_library, free_tcp_port
+from tests.ha.conftest import ASSIST_MODEL, FAST_ENV, RemoteWorker, entry_data, fake_library, free_tcp_port
 from tests.ha_shared import flow_input
 
 
@@ -408,3 +409,184 @@ async def test_ai_task_subentry_only_where_home_assistant_has_ai_tasks(
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert hass.states.get("ai_task.data_generator") is not None
+
+
+def _remote_entry_data(library: str, model: Path, host: str, port: int, secret: str) -> dict[str, Any]:
+    return entry_data(
+        library,
+        model,
+        **{CONF_WORKER: "remote", CONF_WORKER_HOST: host, CONF_WORKER_PORT: port, CONF_WORKER_SECRET: secret},
+    )
+
+
+async def test_reauth_asks_for_the_new_secret_and_loads_the_entry(
+    hass: HomeAssistant, remote_worker: RemoteWorker, emulator_lib: str, assist_model: Path
+) -> None:
+    """The worker's secret changed: setup starts reauth, a wrong answer stays on the form, the right one loads."""
+    data = _remote_entry_data(emulator_lib, assist_model, remote_worker.host, remote_worker.port, "old secret")
+    entry = MockConfigEntry(domain=DOMAIN, title=assist_model.stem, data=data)
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    (flow,) = entry.async_get_active_flows(hass, {SOURCE_REAUTH})
+
+    result = await hass.config_entries.flow.async_configure(flow["flow_id"])
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "reauth_confirm"
+    assert [str(key) for key in result["data_schema"].schema] == [CONF_WORKER_SECRET]
+    assert result["description_placeholders"]["worker"] == f"{remote_worker.host}:{remote_worker.port}"
+    assert result["description_placeholders"]["name"] == assist_model.stem
+
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {CONF_WORKER_SECRET: "still wrong"})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_WORKER_SECRET: "invalid_auth"}
+    assert "refused the secret" in result["description_placeholders"]["error_detail"]
+    assert entry.data[CONF_WORKER_SECRET] == "old secret"
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_WORKER_SECRET: remote_worker.secret}
+    )
+    await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reauth_successful"
+    assert entry.data == {**data, CONF_WORKER_SECRET: remote_worker.secret}
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.runtime_data.engine.metrics.runtime_version == "1.2.3"
+
+
+async def test_reauth_against_a_worker_that_is_down_keeps_the_old_secret(
+    hass: HomeAssistant, emulator_lib: str, assist_model: Path, socket_enabled: None
+) -> None:
+    """A secret that cannot be checked is not saved: the form names the unreachable worker instead."""
+    data = _remote_entry_data(emulator_lib, assist_model, "127.0.0.1", free_tcp_port(), "old secret")
+    entry = MockConfigEntry(domain=DOMAIN, data=data)
+    entry.add_to_hass(hass)
+    result = await entry.start_reauth_flow(hass)
+    assert result["step_id"] == "reauth_confirm"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {CONF_WORKER_SECRET: "new secret"})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "cannot_connect"}
+    assert "refused the connection" in result["description_placeholders"]["error_detail"]
+    assert entry.data[CONF_WORKER_SECRET] == "old secret"
+
+
+async def test_user_step_suggests_an_installed_runtime_and_model(
+    hass: HomeAssistant, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a board with librkllmrt installed, the form proposes it and the first .rkllm model in the model folders."""
+    library = tmp_path / "lib" / "librkllmrt.so"
+    library.parent.mkdir()
+    library.write_bytes(b"")
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("qwen2.5-3b.rkllm", "qwen2.5-1.5b.rkllm", "notes.txt"):
+        (models / name).write_bytes(b"")
+    monkeypatch.setattr(config_flow, "LIBRARY_CANDIDATES", (str(tmp_path / "absent.so"), str(library)))
+    monkeypatch.setattr(config_flow, "MODEL_DIRECTORIES", (str(tmp_path / "no-such-folder"), str(models)))
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
+    assert suggested[CONF_LIBRARY_PATH] == str(library)
+    assert suggested[CONF_MODEL_PATH] == str(models / "qwen2.5-1.5b.rkllm")
+
+    # No model in any folder (only other files): the field stays empty rather than naming a non-model.
+    (models / "qwen2.5-3b.rkllm").unlink()
+    (models / "qwen2.5-1.5b.rkllm").unlink()
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
+    assert suggested[CONF_LIBRARY_PATH] == str(library)
+    assert suggested[CONF_MODEL_PATH] == ""
+
+
+def test_model_check_reads_past_comments_and_names_an_unreadable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Comment and blank lines before the emulator header are allowed; a file that cannot be read says why."""
+    model = tmp_path / "commented.model"
+    model.write_text("# my test model\n\n" + ASSIST_MODEL, encoding="utf-8")
+    assert model_file_problem(str(model)) is None
+    model.write_text("# my test model\nname = no header\n" + ASSIST_MODEL, encoding="utf-8")
+    problem = model_file_problem(str(model))
+    assert problem is not None
+    assert problem[0] == "not_rkllm_model"
+
+    real_open = Path.open
+
+    def open_denied(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == model:  # tests run as root, where chmod 000 does not stop a read
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_denied)
+    assert model_file_problem(str(model)) == ("model_not_found", "not readable: Permission denied")
+
+
+async def test_reconfigure_of_a_loaded_remote_entry_keeps_its_worker(
+    hass: HomeAssistant, remote_worker: RemoteWorker, emulator_lib: str, assist_model: Path
+) -> None:
+    """The loaded entry holds the worker's only session; saving the same worker must not fail as "busy"."""
+    data = _remote_entry_data(emulator_lib, assist_model, remote_worker.host, remote_worker.port, remote_worker.secret)
+    entry = MockConfigEntry(domain=DOMAIN, title=assist_model.stem, data=data)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+    result = await entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], flow_input(emulator_lib, assist_model, **{CONF_WORKER: "remote", CONF_CONTEXT_LENGTH: 2048})
+    )
+    assert result["step_id"] == "remote"
+    suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
+    assert suggested == {
+        CONF_WORKER_HOST: remote_worker.host,
+        CONF_WORKER_PORT: remote_worker.port,
+        CONF_WORKER_SECRET: remote_worker.secret,
+    }
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], suggested)
+    await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.runtime_data.engine.metrics.context_length == 2048
+
+
+async def test_reconfigure_fixes_a_failed_entry_and_loads_it(
+    hass: HomeAssistant, emulator_lib: str, assist_model: Path, tmp_path: Path
+) -> None:
+    """An entry that failed setup has no update listener; reconfigure reloads it itself."""
+    entry = MockConfigEntry(domain=DOMAIN, data=entry_data(str(tmp_path / "absent.so"), assist_model))
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+
+    result = await entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
+    await hass.async_block_till_done()
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data[CONF_LIBRARY_PATH] == emulator_lib
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_agent_with_the_assist_api_keeps_it_as_a_list(hass: HomeAssistant, loaded_entry: MockConfigEntry) -> None:
+    """An agent saved with Assist selected can control the home."""
+    result = await hass.config_entries.subentries.async_init(
+        (loaded_entry.entry_id, SUBENTRY_CONVERSATION), context={"source": SOURCE_USER}
+    )
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"],
+        _options(
+            **{
+                CONF_NAME: "House keeper",
+                CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
+                CONF_MAX_HISTORY: 2,
+                CONF_MAX_TOOL_ITERATIONS: 3,
+            }
+        ),
+    )
+    await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_LLM_HASS_API] == [llm.LLM_API_ASSIST]
+    state = hass.states.get("conversation.house_keeper")
+    assert state is not None
+    assert state.attributes.get("supported_features")
