@@ -145,12 +145,20 @@ def seed_config_entry(storage: Path, library: str, model: str, platform: str) ->
     return f"added the rkllm entry '{Path(model).stem}' with the agent '{DEFAULT_CONVERSATION_NAME}' (Assist API)"
 
 
+def new_password() -> str:
+    """A random password that is safe as a command-line argument.
+
+    Hex only: a URL-safe token can start with "-", which `hass --script auth add` then parses as an option.
+    """
+    return secrets.token_hex(12)
+
+
 def seed_user(config: Path, hass: Path) -> str:
     """Create the login user once (random password in config/.develop_user.json) and mark onboarding done."""
     credentials = config / CREDENTIALS_FILE
     if credentials.exists():
         return f"user '{DEVELOP_USERNAME}' exists (password in {credentials})"
-    password = secrets.token_urlsafe(12)
+    password = new_password()
     result = subprocess.run(
         [str(hass), "--script", "auth", "--config", str(config), "add", DEVELOP_USERNAME, password],
         capture_output=True,

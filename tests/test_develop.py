@@ -186,3 +186,10 @@ def test_token_without_develop_run_says_what_to_do(tmp_path: Path, capsys: pytes
     assert capsys.readouterr().err == (
         f"scripts/token: error: {missing} does not exist: run scripts/develop first, or pass --username/--password\n"
     )
+
+
+def test_develop_password_is_never_taken_for_a_command_line_option() -> None:
+    # `hass --script auth add dev <password>`: a password starting with "-" failed about one run in 64.
+    passwords = {seed_config.new_password() for _ in range(500)}
+    assert len(passwords) == 500
+    assert not any(password.startswith("-") for password in passwords)
