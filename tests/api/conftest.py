@@ -220,6 +220,11 @@ def sse_chunks(body: str) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
 
 
+def streamed_content(chunks: list[dict[str, Any]]) -> str:
+    """The assistant text of parsed chat chunks, joined as a client does (the usage chunk has no choices)."""
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+
+
 @pytest.fixture
 def fast_pings(monkeypatch: pytest.MonkeyPatch) -> float:
     """Keep-alive comments every 0.2 s instead of every 10 s."""

@@ -29,6 +29,7 @@ from .conftest import (
     entry_data,
     runtime_of,
     sse_chunks,
+    streamed_content,
     write_model,
 )
 from .test_disconnect import FREED_WITHIN_S, NATURAL_END_S, is_idle, wait_until
@@ -159,7 +160,7 @@ async def test_agent_stream_sends_keepalive_pings_while_queued(
     assert rest.endswith("data: [DONE]\n\n")
     payloads = sse_chunks(rest)
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
-    assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+    assert streamed_content(payloads)
 
 
 async def test_disconnect_from_an_agent_stream_frees_the_npu(loaded_entry: Any, api: ApiServer) -> None:
@@ -211,7 +212,7 @@ async def test_agent_text_before_and_after_a_tool_call_is_separated(
     assert response.status == 200
     if stream:
         payloads = sse_chunks(await response.text())
-        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+        text = streamed_content(payloads)
         assert all("tool_calls" not in p["choices"][0]["delta"] for p in payloads)
     else:
         message = (await response.json())["choices"][0]["message"]

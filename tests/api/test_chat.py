@@ -11,7 +11,7 @@ from homeassistant.core import HomeAssistant
 from openai import AsyncOpenAI, BadRequestError
 from openai.types.chat import ChatCompletion
 
-from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, sse_chunks, write_model
+from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, sse_chunks, streamed_content, write_model
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -331,7 +331,7 @@ async def test_stop_string_is_not_returned(api: ApiServer, stream: bool) -> None
     assert response.status == 200
     if stream:
         payloads = sse_chunks(await response.text())
-        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+        text = streamed_content(payloads)
         finish = payloads[-1]["choices"][0]["finish_reason"]
     else:
         body = await response.json()
@@ -362,7 +362,7 @@ async def test_json_response_format_strips_the_code_fence(api: ApiServer, stream
     assert response.status == 200
     if stream:
         payloads = sse_chunks(await response.text())
-        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+        text = streamed_content(payloads)
     else:
         text = (await response.json())["choices"][0]["message"]["content"]
     assert json.loads(text) == {"color": "blue", "count": 3}

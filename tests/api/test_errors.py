@@ -30,6 +30,7 @@ from .conftest import (
     add_entry,
     runtime_of,
     sse_chunks,
+    streamed_content,
     write_model,
 )
 
@@ -448,4 +449,4 @@ async def test_keepalive_pings_while_queued(loaded_entry: Any, api: ApiServer, f
     rest = (await response.content.read()).decode()
     assert rest.endswith("data: [DONE]\n\n")
     payloads = sse_chunks(rest)
-    assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads) == "You said: Hello"
+    assert streamed_content(payloads) == "You said: Hello"

@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from rkllm_engine.types import Event
 
-from .conftest import MODEL_ID, ApiServer, runtime_of, sse_chunks
+from .conftest import MODEL_ID, ApiServer, runtime_of, sse_chunks, streamed_content
 from .test_errors import TOOL, USER_HELLO, assert_openai_error
 
 TOKEN_ROUTES = [
@@ -138,7 +138,7 @@ async def test_json_schema_without_a_schema_still_gets_a_bare_json_answer(api: A
     assert response.status == 200
     if stream:
         payloads = sse_chunks(await response.text())
-        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+        text = streamed_content(payloads)
     else:
         text = (await response.json())["choices"][0]["message"]["content"]
     assert json.loads(text) == {"color": "blue", "count": 3}
@@ -162,7 +162,7 @@ async def test_answer_that_is_not_json_is_delivered_unchanged_and_logged(
         assert response.status == 200
         if stream:
             payloads = sse_chunks(await response.text())
-            text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+            text = streamed_content(payloads)
             assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
         else:
             text = (await response.json())["choices"][0]["message"]["content"]

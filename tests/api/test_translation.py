@@ -30,6 +30,8 @@ from rkllm_engine.types import (
     Usage,
 )
 
+from .conftest import streamed_content
+
 USAGE = Usage(prompt_tokens=10, completion_tokens=4, cached_tokens=6)
 
 
@@ -85,7 +87,7 @@ def test_json_answer_cut_inside_a_fence_keeps_its_tail_streamed_and_plain() -> N
         for event in (TextDelta("```json\n"), TextDelta('{"code": "a `'), finished("length"))
         for chunk in translator.feed(event)
     ]
-    streamed = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    streamed = streamed_content(chunks)
     completion = translator.completion()
     assert streamed == completion["choices"][0]["message"]["content"] == '{"code": "a `'
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
