@@ -91,6 +91,7 @@ STOPPED_MESSAGE: Final = "the engine was stopped"
 WORKER_READY_TIMEOUT_S: Final = 120.0
 # After the worker client stopped (which kills a hung worker), the serving tasks end at once; this only bounds a bug.
 STOP_TASKS_TIMEOUT_S: Final = 5.0
+HUNG_RUN_ABORTED: Final = "the run is aborted (the worker is restarted if it hangs)"
 
 
 @dataclass
@@ -325,29 +326,33 @@ class Generation:
         return self
 
     async def __anext__(self) -> Event:
-        if self._pending:
-            return self._pending.popleft()
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._items.get()
-        except asyncio.CancelledError:
-            await self._cancel_and_wait()
-            raise
-        if isinstance(item, list):
-            self._pending.extend(item)
-            event = self._pending.popleft()
-            if isinstance(event, Finished):
+        if not self._pending:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                item = await self._items.get()
+            except asyncio.CancelledError:
+                await self._cancel_and_wait()
+                raise
+            if not isinstance(item, list):
                 self._done = True
-            return event
-        self._done = True
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
+                if isinstance(item, BaseException):
+                    raise item
+                raise StopAsyncIteration
+            self._pending.extend(item)
+        event = self._pending.popleft()
+        if isinstance(event, Finished):  # wherever it sits in its batch: nothing follows it
+            self._done = True
+        return event
 
     async def cancel(self) -> None:
-        """Stop this request: dequeue it, or abort its run and wait until the run has ended."""
-        await self._cancel_and_wait()
+        """Stop this request: dequeue it, or abort its run and wait until the run has ended.
+
+        After the generation delivered its end (Finished, or an error such as the watchdog's) there is nothing to
+        wait for: the engine finishes the run's clean-up itself, bounded by its abort watchdog.
+        """
+        if not self._done:
+            await self._cancel_and_wait()
         self._done = True
         self._pending.clear()
 
@@ -577,8 +582,18 @@ class Engine:
         # (a result, an engine error, a bug, a cancellation) passes the `finally`, which frees the slot first and
         # then hands the caller exactly one outcome; `_execute` resets the planner on every way out but success.
         outcome: _Item | None = _END
+        answered = False
+
+        def emit_run_events(item: _Item) -> None:
+            nonlocal answered
+            terminal = isinstance(item, BaseException) or (
+                isinstance(item, list) and any(isinstance(event, Finished) for event in item)
+            )
+            answered = answered or terminal
+            emit(item)
+
         try:
-            finished = await self._execute(request, ticket, emit)
+            finished = await self._execute(request, ticket, emit_run_events)
         except asyncio.CancelledError:
             raise
         except WorkerHungError as err:
@@ -595,7 +610,7 @@ class Engine:
                 outcome = EngineUnavailableError(STOPPED_MESSAGE)
         finally:
             ticket.release()
-            if outcome is not None:
+            if outcome is not None and not answered:  # after Finished the caller has its one outcome
                 emit(outcome)
 
     async def _execute(
@@ -786,6 +801,9 @@ class Engine:
                     if watch.on_silence():  # the watchdog fired: abort; the client kills the worker if it ignores it
                         stopping = True
                         abort_run()
+                        # The caller learns it now, within the watchdog's bound; the slot stays held until the run
+                        # has really ended (abort honoured, or the worker killed after its grace).
+                        emit(WorkerHungError(f"{watch.fired}; {HUNG_RUN_ABORTED}"))
                     continue
                 arrived, pending = pending, None
                 try:
@@ -887,8 +905,8 @@ class Engine:
             _LOGGER.warning("the model called %r, a tool this request did not offer; the call was not returned", name)
         for raw in result.malformed_calls:
             _LOGGER.warning("the model wrote a tool call that is not a valid call; returned as text: %.200s", raw)
-        if not isinstance(request, ChatRequest) or result.tool_calls:
-            return
+        if not isinstance(request, ChatRequest) or result.tool_calls or result.truncated_call:
+            return  # a call cut off by the token budget ends with finish_reason "length", as OpenAI's would
         if request.tool_choice not in ("auto", "none") and request.tools:
             wrote = f"; it called {', '.join(map(repr, result.unknown_calls))}" if result.unknown_calls else ""
             raise GenerationError(

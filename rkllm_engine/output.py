@@ -32,9 +32,10 @@ Behaviour, in the order it is applied to the model's output:
 6. Model output is checked like client input (docs/robustness.md §5): with `tool_names`
    given, a call must name one of them. A near miss (case, a ``functions.`` prefix, one
    unambiguous close match) is repaired to the offered name; with `forced` (tool_choice
-   required or named) and a single offered tool, any name is repaired to it. Any other
-   call is never emitted: with `forced` it is dropped, otherwise its raw text is handled
-   like a malformed call. Both are listed in `ParseResult.unknown_calls`.
+   required or named) any other name is repaired to the most similar offered one (the
+   request demands a call of an offered tool; the client checks the arguments). Without
+   `forced` any other call is never emitted: its raw text is handled like a malformed
+   call. Unknown names are listed in `ParseResult.unknown_calls`.
 
 Any text that might be the start of a tag or of a stop string is held back and
 released only when it is known to be plain text (at the latest by `finish`).
@@ -450,7 +451,10 @@ class OutputParser:
         elif self._mode is _Mode.THINK:
             self._emit_reasoning(buffer)
         elif self._mode is _Mode.CALL:
-            self._settle_call(TOOL_CALL_OPEN + buffer, buffer, at_end=True)
+            # The budget may cut the closing tag itself ("…}}\n</tool_"): the call before it is whole.
+            cut = _longest_partial_suffix(buffer.rstrip(), (TOOL_CALL_CLOSE,))
+            body = buffer.rstrip()[:-cut] if cut else buffer
+            self._settle_call(TOOL_CALL_OPEN + buffer, body, at_end=True)
         else:
             self._settle_call(FUNCTION_OPEN + buffer, FUNCTION_OPEN + buffer, at_end=True)
         self._mode = _Mode.TEXT
@@ -495,8 +499,10 @@ class OutputParser:
         close = difflib.get_close_matches(name, names, n=2, cutoff=0.85)
         if len(close) == 1:
             return close[0]
-        if self._forced and len(names) == 1:
-            return names[0]
+        if self._forced and names:
+            # The request demands a call of an offered tool and the model wrote a call: the offered name most
+            # like the one it wrote (the first offered on a tie) keeps the contract; the client checks arguments.
+            return max(names, key=lambda offered: difflib.SequenceMatcher(None, name, offered).ratio())
         return None
 
     # -- emission -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .const import (
     CONF_MODEL_PATH,
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
+    CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_ENV,
     CONF_WORKER_HOST,
@@ -51,6 +52,7 @@ from .const import (
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_CPU_CORES,
     DEFAULT_NPU_DOMAIN_ID,
+    DEFAULT_WATCHDOG_S,
     DOMAIN,
     ENGINE_START_TIMEOUT_S,
     ISSUE_LIBRARY_MISSING,
@@ -98,6 +100,7 @@ def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
         platform=platform,
         worker=worker,
         env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
+        watchdog_min_s=float(data.get(CONF_WATCHDOG_S, DEFAULT_WATCHDOG_S)),
     )
 
 

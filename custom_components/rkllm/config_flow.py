@@ -66,6 +66,7 @@ from .const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
+    CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_HOST,
     CONF_WORKER_PORT,
@@ -84,6 +85,7 @@ from .const import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    DEFAULT_WATCHDOG_S,
     DEFAULT_WORKER_PORT,
     DOMAIN,
     MAX_CONTEXT_LENGTH,
@@ -224,6 +226,8 @@ def _select(options: tuple[str, ...], translation_key: str) -> SelectSelector:
     )
 
 
+MIN_WATCHDOG_S: Final = 2
+MAX_WATCHDOG_S: Final = 600
 ENTRY_SCHEMA: Final = vol.Schema(
     {
         vol.Required(CONF_LIBRARY_PATH): TextSelector(),
@@ -233,6 +237,7 @@ ENTRY_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_CPU_CORES): _number(1, 8),
         vol.Required(CONF_NPU_DOMAIN_ID): _number(0, 15),
         vol.Required(CONF_ABI_PROFILE): _select(ABI_PROFILES, "abi_profile"),
+        vol.Optional(CONF_WATCHDOG_S): _number(MIN_WATCHDOG_S, MAX_WATCHDOG_S),
         vol.Required(CONF_WORKER): _select((WORKER_LOCAL, WORKER_REMOTE), "worker"),
     }
 )
@@ -247,7 +252,7 @@ REMOTE_SCHEMA: Final = vol.Schema(
 REAUTH_SCHEMA: Final = vol.Schema(
     {vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))}
 )
-_INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT)
+_INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT, CONF_WATCHDOG_S)
 _REMOTE_FIELDS: Final = (CONF_WORKER_HOST, CONF_WORKER_PORT, CONF_WORKER_SECRET)
 
 
@@ -386,7 +391,7 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
 
     async def _async_suggested_entry_values(self) -> dict[str, Any]:
         if self.source == SOURCE_RECONFIGURE:
-            return dict(self._get_reconfigure_entry().data)
+            return {CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
         library = await self.hass.async_add_executor_job(suggest_library_path)
         model = await self.hass.async_add_executor_job(suggest_model_path, library)
         platform = await self.hass.async_add_executor_job(detect_platform, DEVICE_TREE_COMPATIBLE)
@@ -398,6 +403,7 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
             CONF_CPU_CORES: DEFAULT_CPU_CORES,
             CONF_NPU_DOMAIN_ID: DEFAULT_NPU_DOMAIN_ID,
             CONF_ABI_PROFILE: ABI_PROFILE_AUTO,
+            CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S,
             CONF_WORKER: WORKER_LOCAL,
         }
 

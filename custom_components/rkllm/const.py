@@ -14,6 +14,7 @@ CONF_MODEL_PATH: Final = "model_path"
 CONF_PLATFORM: Final = "platform"
 CONF_CONTEXT_LENGTH: Final = "context_length"
 CONF_CPU_CORES: Final = "cpu_cores"
+CONF_WATCHDOG_S: Final = "watchdog_s"
 CONF_NPU_DOMAIN_ID: Final = "npu_domain_id"
 CONF_ABI_PROFILE: Final = "abi_profile"
 CONF_WORKER: Final = "worker"
@@ -35,6 +36,8 @@ DEFAULT_CONTEXT_LENGTH: Final = 4096
 MIN_CONTEXT_LENGTH: Final = 512
 MAX_CONTEXT_LENGTH: Final = 32768
 DEFAULT_CPU_CORES: Final = 4
+# Seconds a run may stay silent past max(this, 3 x its expected step) before the watchdog ends it.
+DEFAULT_WATCHDOG_S: Final = 10
 DEFAULT_NPU_DOMAIN_ID: Final = 0
 DEFAULT_WORKER_PORT: Final = 8765
 
