@@ -19,14 +19,18 @@ MARKDOWN = ".md"
 
 # Upstream references: a Markdown link to a web address (its text included, which often names the upstream file)
 # and any bare web address.
-MARKDOWN_LINK = re.compile(r"\[[^\]\n]*\]\(\s*<?https?://[^)\s>]*>?\s*\)")
+MARKDOWN_WEB_LINK = re.compile(r"\[[^\]\n]*\]\(\s*<?https?://[^)\s>]*>?\s*\)")
 WEB_ADDRESS = re.compile(r"https?://[^\s)>\]\"'`]+")
 # A comment wrapped over two lines ("(docs/runtime.md\n# §7)") is read as one line.
 LINE_BREAK = re.compile(r"[ \t]*\n[ \t]*(?:#+|//|/?\*+)?[ \t]*")
+# A Markdown link to a file of the repository: a renderer resolves it from the page's own folder.
+RELATIVE_LINK = re.compile(r"\]\(\s*<?(?P<target>(?!https?:|mailto:|#)[^)\s>#]+)(?:#[^)\s>]*)?>?\s*\)")
 
 DOCUMENT_NAME = re.compile(r"(?<![\w/.\-])((?:[\w.\-]+/)*[\w\-]+\.md)(?![\w\-])")
 DOCS_PATH = re.compile(r"(?<![\w/.\-])(docs/[\w./\-]*[\w\-])")
 DOCS_CITATION = re.compile(r"(?<![\w/.\-])docs/(?P<page>[\w\-]+\.md)`?,?[ \t]*")
+# What may follow a page name: "§4.3", "§8 item 5", "Appendix A", "decision 5", a quoted title, and after a section
+# a bare number that continues a range ("§2.3-2.4").
 REFERENCE = re.compile(
     r"""
     §[ ]?(?P<section>\d+(?:\.\d+)*)(?:[ ]+items?[ ]+(?P<item>\d+))?
@@ -37,7 +41,7 @@ REFERENCE = re.compile(
     """,
     re.VERBOSE,
 )
-SEPARATOR = re.compile(r"[ \t]*(?:,|-|–|—|\band\b)[ \t]*")
+SEPARATOR = re.compile(r"[ \t]*(?:,|-|\u2013|\u2014|\band\b)[ \t]*")  # comma, hyphen, en and em dash, "and"
 HEADING = re.compile(r"^#{1,6}[ \t]+(?P<title>.+)$", re.MULTILINE)
 NUMBERED_ITEM = r"^[ \t]*{number}\.[ \t]"
 
@@ -53,7 +57,7 @@ def tracked_files(root: Path) -> list[PurePosixPath]:
 def scanned_text(path: Path) -> str:
     """The file's text without web addresses, with wrapped comment lines joined."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    text = MARKDOWN_LINK.sub(" ", text)
+    text = MARKDOWN_WEB_LINK.sub(" ", text)
     text = WEB_ADDRESS.sub(" ", text)
     return LINE_BREAK.sub(" ", text)
 
@@ -63,12 +67,26 @@ def plain(text: str) -> str:
     return " ".join(text.replace("`", "").lower().split())
 
 
+def normalised(path: PurePosixPath) -> PurePosixPath | None:
+    """`path` with `.` and `..` resolved, or None when it leaves the repository."""
+    parts: list[str] = []
+    for part in path.parts:
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part != ".":
+            parts.append(part)
+    return PurePosixPath(*parts)
+
+
 @dataclass(frozen=True)
 class Repository:
-    """The tracked files and the text to scan, read once per test session."""
+    """The tracked files and the text to scan, read once per test."""
 
     root: Path
     files: frozenset[PurePosixPath] = field(repr=False)
+    folders: frozenset[PurePosixPath] = field(repr=False)
     basenames: frozenset[str] = field(repr=False)
     texts: dict[PurePosixPath, str] = field(repr=False)
 
@@ -76,36 +94,27 @@ class Repository:
 @pytest.fixture
 def repository(repo_root: Path) -> Repository:
     files = tracked_files(repo_root)
-    texts = {
-        name: scanned_text(repo_root / name)
-        for name in files
-        if name.suffix in SCANNED_SUFFIXES and (repo_root / name).is_file()
-    }
     return Repository(
         root=repo_root,
         files=frozenset(files),
+        folders=frozenset(folder for name in files for folder in name.parents),
         basenames=frozenset(name.name for name in files),
-        texts=texts,
+        texts={
+            name: scanned_text(repo_root / name)
+            for name in files
+            if name.suffix in SCANNED_SUFFIXES and (repo_root / name).is_file()
+        },
     )
 
 
 def resolves(repository: Repository, citing: PurePosixPath, cited: str) -> bool:
-    """A cited path names a tracked file from the repository root or from the citing file's folder."""
+    """A cited path names a tracked file from the repository root or from the citing file's folder.
+
+    A bare name ("HISTORY.md") is accepted when a tracked file has that name.
+    """
     if "/" not in cited:
         return cited in repository.basenames
-    for base in (PurePosixPath(), citing.parent):
-        parts: list[str] = []
-        for part in (base / cited).parts:
-            if part == "..":
-                if not parts:
-                    break
-                parts.pop()
-            elif part != ".":
-                parts.append(part)
-        else:
-            if PurePosixPath(*parts) in repository.files:
-                return True
-    return False
+    return any(normalised(base / cited) in repository.files for base in (PurePosixPath(), citing.parent))
 
 
 def test_every_cited_document_is_in_the_repository(repository: Repository) -> None:
@@ -115,6 +124,17 @@ def test_every_cited_document_is_in_the_repository(repository: Repository) -> No
         cited |= {match[1].rstrip(".") for match in DOCS_PATH.finditer(text)}
         missing.extend(f"{citing}: {name}" for name in sorted(cited) if not resolves(repository, citing, name))
     assert not missing, "references to documents that are not tracked files:\n" + "\n".join(missing)
+
+
+def test_every_relative_link_of_a_page_reaches_a_tracked_file(repository: Repository) -> None:
+    broken: list[str] = []
+    for page in sorted(name for name in repository.files if name.suffix == MARKDOWN):
+        text = (repository.root / page).read_text(encoding="utf-8")
+        for match in RELATIVE_LINK.finditer(text):
+            target = normalised(page.parent / match["target"])
+            if target is None or (target not in repository.files and target not in repository.folders):
+                broken.append(f"{page}: ({match['target']})")
+    assert not broken, "links that do not reach a tracked file or folder:\n" + "\n".join(broken)
 
 
 @dataclass(frozen=True)
@@ -200,10 +220,9 @@ def test_every_cited_section_of_docs_exists(repository: Repository) -> None:
     for citing, text in sorted(repository.texts.items()):
         for citation in DOCS_CITATION.finditer(text):
             name = citation["page"]
-            path = repository.root / "docs" / name
             if PurePosixPath("docs", name) not in repository.files:
-                continue  # reported by the test above
-            page = pages.setdefault(name, read_page(path))
+                continue  # reported by test_every_cited_document_is_in_the_repository
+            page = pages.setdefault(name, read_page(repository.root / "docs" / name))
             for reference in cited_references(text, citation.end()):
                 problem = check_reference(page, reference)
                 if problem is not None:
