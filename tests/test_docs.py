@@ -14,7 +14,6 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-SCANNED_SUFFIXES = (".py", ".c", ".h", ".md", ".yaml", ".json")
 MARKDOWN = ".md"
 
 # Upstream references: a Markdown link to a web address (its text included, which often names the upstream file)
@@ -28,15 +27,16 @@ RELATIVE_LINK = re.compile(r"\]\(\s*<?(?P<target>(?!https?:|mailto:|#)[^)\s>#]+)
 
 DOCUMENT_NAME = re.compile(r"(?<![\w/.\-])((?:[\w.\-]+/)*[\w\-]+\.md)(?![\w\-])")
 DOCS_PATH = re.compile(r"(?<![\w/.\-])(docs/[\w./\-]*[\w\-])")
-DOCS_CITATION = re.compile(r"(?<![\w/.\-])docs/(?P<page>[\w\-]+\.md)`?,?[ \t]*")
-# What may follow a page name: "§4.3", "§8 item 5", "Appendix A", "decision 5", a quoted title, and after a section
-# a bare number that continues a range ("§2.3-2.4").
+AFTER_NAME = re.compile(r"`?,?[ \t]*")
+# What may follow a page name: "§4.3", "§8 item 5", "Appendix A", "decision 5", a quoted title (after a space or a
+# comma: a quote right after the name closes a string), and after a section a bare number that continues a range
+# ("§2.3-2.4").
 REFERENCE = re.compile(
     r"""
     §[ ]?(?P<section>\d+(?:\.\d+)*)(?:[ ]+items?[ ]+(?P<item>\d+))?
     | Appendix[ ]+(?P<appendix>[A-Z])(?![\w])
     | decisions?[ ]+(?P<decision>\d+)
-    | "(?P<quote>[^"\n]{1,80})"
+    | (?<=[\s,])"(?P<quote>[^"\n]{1,80})"
     | (?P<bare>\d+(?:\.\d+)*)(?![\w.])
     """,
     re.VERBOSE,
@@ -54,9 +54,15 @@ def tracked_files(root: Path) -> list[PurePosixPath]:
     return [PurePosixPath(name) for name in listing.stdout.decode("utf-8").split("\0") if name]
 
 
-def scanned_text(path: Path) -> str:
-    """The file's text without web addresses, with wrapped comment lines joined."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+def scanned_text(path: Path) -> str | None:
+    """The file's text without web addresses, with wrapped comment lines joined; None for a binary file."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
     text = MARKDOWN_WEB_LINK.sub(" ", text)
     text = WEB_ADDRESS.sub(" ", text)
     return LINE_BREAK.sub(" ", text)
@@ -93,28 +99,36 @@ class Repository:
 
 @pytest.fixture
 def repository(repo_root: Path) -> Repository:
+    """Every tracked text file is scanned: code and pages, but also the Dockerfile, units, rules and model files."""
     files = tracked_files(repo_root)
+    texts: dict[PurePosixPath, str] = {}
+    for name in files:
+        path = repo_root / name
+        if path.is_file() and not path.is_symlink() and (text := scanned_text(path)) is not None:
+            texts[name] = text
     return Repository(
         root=repo_root,
         files=frozenset(files),
         folders=frozenset(folder for name in files for folder in name.parents),
         basenames=frozenset(name.name for name in files),
-        texts={
-            name: scanned_text(repo_root / name)
-            for name in files
-            if name.suffix in SCANNED_SUFFIXES and (repo_root / name).is_file()
-        },
+        texts=texts,
     )
 
 
-def resolves(repository: Repository, citing: PurePosixPath, cited: str) -> bool:
-    """A cited path names a tracked file from the repository root or from the citing file's folder.
+def resolve(repository: Repository, citing: PurePosixPath, cited: str) -> PurePosixPath | None:
+    """The tracked file a cited path names, from the citing file's folder or the repository root.
 
-    A bare name ("HISTORY.md") is accepted when a tracked file has that name.
+    A bare name that is in neither folder (rkllm_native/selfcheck.py citing HISTORY.md) names the only tracked file
+    with that name.
     """
+    for base in (citing.parent, PurePosixPath()):
+        if (path := normalised(base / cited)) in repository.files:
+            return path
     if "/" not in cited:
-        return cited in repository.basenames
-    return any(normalised(base / cited) in repository.files for base in (PurePosixPath(), citing.parent))
+        matches = [name for name in repository.files if name.name == cited]
+        if len(matches) == 1:
+            return matches[0]
+    return None
 
 
 def test_every_cited_document_is_in_the_repository(repository: Repository) -> None:
@@ -122,7 +136,7 @@ def test_every_cited_document_is_in_the_repository(repository: Repository) -> No
     for citing, text in sorted(repository.texts.items()):
         cited = {match[1] for match in DOCUMENT_NAME.finditer(text)}
         cited |= {match[1].rstrip(".") for match in DOCS_PATH.finditer(text)}
-        missing.extend(f"{citing}: {name}" for name in sorted(cited) if not resolves(repository, citing, name))
+        missing.extend(f"{citing}: {name}" for name in sorted(cited) if resolve(repository, citing, name) is None)
     assert not missing, "references to documents that are not tracked files:\n" + "\n".join(missing)
 
 
@@ -215,18 +229,20 @@ def check_reference(page: Page, reference: re.Match[str]) -> str | None:
 
 
 def test_every_cited_section_of_docs_exists(repository: Repository) -> None:
-    pages: dict[str, Page] = {}
+    pages: dict[PurePosixPath, Page] = {}
     problems: list[str] = []
     for citing, text in sorted(repository.texts.items()):
-        for citation in DOCS_CITATION.finditer(text):
-            name = citation["page"]
-            if PurePosixPath("docs", name) not in repository.files:
-                continue  # reported by test_every_cited_document_is_in_the_repository
-            page = pages.setdefault(name, read_page(repository.root / "docs" / name))
-            for reference in cited_references(text, citation.end()):
+        for citation in DOCUMENT_NAME.finditer(text):
+            path = resolve(repository, citing, citation[1])
+            if path is None or path.parent != PurePosixPath("docs"):
+                continue  # missing ones are reported by test_every_cited_document_is_in_the_repository
+            page = pages.setdefault(path, read_page(repository.root / path))
+            after_name = AFTER_NAME.match(text, citation.end())
+            assert after_name is not None  # the pattern also matches nothing
+            for reference in cited_references(text, after_name.end()):
                 problem = check_reference(page, reference)
                 if problem is not None:
-                    problems.append(f"{citing}: docs/{name} {reference[0]}: {problem}")
+                    problems.append(f"{citing}: {path} {reference[0]}: {problem}")
     assert not problems, "citations of sections that do not exist:\n" + "\n".join(problems)
 
 
