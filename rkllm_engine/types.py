@@ -210,6 +210,7 @@ class EngineMetrics:
     platform: str | None = None
     last_error: str | None = None
     tools_loaded: tuple[str, ...] = ()
+    toolkit_version: str | None = None  # rkllm-toolkit version the loaded model was converted with
 
     @property
     def kv_usage(self) -> float | None:
