@@ -322,6 +322,29 @@ def apply_mirrors(url: str, mirrors: Mapping[str, str]) -> str:
     return url
 
 
+# `E rkllm: The rkllm-runtime version is lower than the rkllm-toolkit version. Please update rkllm-runtime to %s or
+# higher.` (docs/runtime.md Appendix A); [Inf] the version it names is the model's toolkit version.
+_RUNTIME_TOO_OLD: Final = re.compile(
+    r"rkllm-runtime version is lower than the rkllm-toolkit version.*?update rkllm-runtime to\s*v?([0-9][0-9a-z.]*?)"
+    r"\.?\s+or higher",
+    re.IGNORECASE,
+)
+
+
+def toolkit_version_refused(runtime_line: str) -> str | None:
+    """The toolkit version a runtime's refusal names (it wants a runtime at least that new), else None."""
+    match = _RUNTIME_TOO_OLD.search(runtime_line)
+    return match.group(1) if match is not None else None
+
+
+def toolkit_newer_than_runtime(toolkit_version: str | None, runtime_version: str | None) -> bool:
+    """A model from toolkit X needs runtime ≥ X (docs/runtime.md §7); True when that is known to be violated."""
+    if not toolkit_version or not runtime_version:
+        return False
+    toolkit, runtime = version_tuple(toolkit_version), version_tuple(runtime_version)
+    return toolkit is not None and runtime is not None and toolkit > runtime
+
+
 def machine_variant(machine: str | None = None) -> str | None:
     """The official build variant for this CPU (`linux-aarch64`, `linux-armhf`), None when Rockchip ships none."""
     return _MACHINE_VARIANTS.get((machine or platform.machine()).lower())
