@@ -130,7 +130,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     owner: ModelHub
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read `ModelHub.requests` instead."""
 
     def do_HEAD(self) -> None:
@@ -146,9 +146,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._plain(404, "Entry not found")
             return
         parts = path.strip("/").split("/")
-        if len(parts) >= 6 and parts[0] == "hf" and parts[3] in ("resolve", "blob"):  # noqa: PLR2004
+        if len(parts) >= 6 and parts[0] == "hf" and parts[3] in ("resolve", "blob"):
             key = "/".join([parts[1], parts[2], parts[4], *parts[5:]])
-            hosted = self.owner._hf.get(key)  # noqa: SLF001 - the hub's own handler
+            hosted = self.owner._hf.get(key)
             if hosted is None:
                 self._plain(404, "Entry not found")
             elif parts[3] == "blob":
@@ -156,15 +156,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self._redirect(hosted)
             return
-        if len(parts) >= 3 and parts[0] == "cdn":  # noqa: PLR2004
-            hosted = self.owner._by_sha.get(parts[1])  # noqa: SLF001
+        if len(parts) >= 3 and parts[0] == "cdn":
+            hosted = self.owner._by_sha.get(parts[1])
             if hosted is None:
                 self._plain(404, "Not found")
             else:
                 self._send(hosted, head=head)
             return
-        if len(parts) >= 5 and parts[0] == "gh":  # noqa: PLR2004
-            hosted = self.owner._gh.get("/".join(parts[1:]))  # noqa: SLF001
+        if len(parts) >= 5 and parts[0] == "gh":
+            hosted = self.owner._gh.get("/".join(parts[1:]))
             if hosted is None:
                 self._plain(404, "404: Not Found")
             else:
@@ -221,7 +221,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) - start))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", f'"{hosted.sha256}"')
-        if status == 206:  # noqa: PLR2004
+        if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
         if head:
@@ -230,7 +230,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         end = len(data) if drop is None else min(len(data), start + drop)
         position = start
         try:
-            while position < end and not self.owner._stop.is_set():  # noqa: SLF001
+            while position < end and not self.owner._stop.is_set():
                 chunk = data[position : min(end, position + SEND_CHUNK)]
                 self.wfile.write(chunk)
                 self.wfile.flush()

@@ -70,7 +70,9 @@ def test_a_catalogue_model_downloads_through_the_redirect_with_progress(hub: Mod
     entry = model_entry(hub)
     events: list[fetch.Progress] = []
 
-    result = fetch.fetch_model(entry, tmp_path, soc="rk3588", progress=events.append, mirrors=mirrors(hub), options=FAST)
+    result = fetch.fetch_model(
+        entry, tmp_path, soc="rk3588", progress=events.append, mirrors=mirrors(hub), options=FAST
+    )
 
     assert result.path == tmp_path / FILE
     assert result.path.read_bytes() == PAYLOAD
@@ -180,7 +182,13 @@ def test_cancel_stops_the_transfer_and_removes_the_partial_file(hub: ModelHub, t
 
     with pytest.raises(fetch.FetchError) as caught:
         fetch.fetch_model(
-            entry, tmp_path, soc=None, mirrors=mirrors(hub), progress=cancel_after_some_bytes, cancel=cancel, options=FAST
+            entry,
+            tmp_path,
+            soc=None,
+            mirrors=mirrors(hub),
+            progress=cancel_after_some_bytes,
+            cancel=cancel,
+            options=FAST,
         )
 
     assert caught.value.code == "cancelled"
