@@ -75,6 +75,16 @@ class SizeRange:
     def __contains__(self, size: object) -> bool:
         return isinstance(size, int) and self.low <= size <= self.high
 
+    @property
+    def display(self) -> str:
+        """For people: the published text, or a byte count in decimal units ("900.00 kB")."""
+        if self.low != self.high:
+            return self.text
+        for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+            if self.low >= factor:
+                return f"{self.low / factor:.2f} {unit}"
+        return f"{self.low} B"
+
     @classmethod
     def exact(cls, size: int) -> SizeRange:
         """A size the site published to the byte."""
@@ -157,7 +167,7 @@ class ModelEntry:
     def label(self) -> str:
         """One line for a picker: name, size, toolkit and whether it suits Assist with tools."""
         assist = ", recommended for Assist with tools" if self.assist_tools else ""
-        return f"{self.name}: {self.size.text}, toolkit {self.toolkit_version}{assist}"
+        return f"{self.name}: {self.size.display}, toolkit {self.toolkit_version}{assist}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -777,9 +777,10 @@ class _TerminalProgress:
 def _format_entry(entry: ModelEntry, soc: str | None) -> str:
     fits = "" if soc is None or soc in entry.socs else f"  (not for this board: {soc.upper()})"
     assist = "yes" if entry.assist_tools else "no"
+    socs = ", ".join(item.upper() for item in entry.socs)
     return (
         f"{entry.id}\n"
-        f"    {entry.name}; {entry.size.text}; {entry.quantization}; SoC {', '.join(s.upper() for s in entry.socs)}; "
+        f"    {entry.name}; {entry.size.display}; {entry.quantization}; SoC {socs}; "
         f"toolkit {entry.toolkit_version}; runtime {entry.runtime_min}-{entry.runtime_max}; "
         f"Assist with tools: {assist}{fits}\n"
         f"    licence: {entry.license}\n"
