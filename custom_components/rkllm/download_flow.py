@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import voluptuous as vol
 from homeassistant.config_entries import ConfigFlow, ConfigFlowResult
+from homeassistant.core import callback
 from homeassistant.data_entry_flow import UnknownFlow
 from homeassistant.helpers.selector import (
     SelectOptionDict,
@@ -413,6 +414,7 @@ class DownloadConfigFlow(ConfigFlow):
             cancel.set()
             raise
 
+    @callback
     def _async_on_progress(self, update: fetch.Progress) -> None:
         """Keep the newest figures; move the bar and refresh the text about once a second and per whole percent."""
         self._download_progress = update
@@ -436,6 +438,7 @@ class DownloadConfigFlow(ConfigFlow):
         with contextlib.suppress(UnknownFlow):
             await self.hass.config_entries.flow.async_configure(self.flow_id)
 
+    @callback
     def async_remove(self) -> None:
         """The dialog was closed or the flow aborted: stop the download (the thread removes the partial file)."""
         if self._download_cancel is not None:
