@@ -57,6 +57,7 @@ from .const import (
     ENGINE_START_TIMEOUT_S,
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
     ISSUE_MODEL_TOOLKIT_NEWER,
     LOGGER,
@@ -181,7 +182,9 @@ async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, er
     elif (toolkit := fetch_catalog.toolkit_version_refused(err.details.get("runtime_line", ""))) is not None:
         await _async_raise_toolkit_issue(hass, entry, toolkit, err.details.get("runtime_line", message), None)
         translation_key = "setup_model_toolkit_newer"
-    else:  # model_invalid, init_failed: the message names the file or setting to fix
+    else:  # model_invalid, init_failed: the message names the file or setting to fix; a retry may do after that
+        placeholders = {"model": str(entry.data.get(CONF_MODEL_PATH)), "error": message}
+        await _async_raise_setup_issue(hass, entry, ISSUE_MODEL_LOAD_FAILED, placeholders)
         translation_key = "setup_model_invalid"
     raise ConfigEntryError(
         translation_domain=DOMAIN,
@@ -271,6 +274,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
             translation_key="setup_model_invalid",
             translation_placeholders={"error": str(err)},
         ) from err
+    from .repairs import async_take_gave_up
+
+    if (gave_up := async_take_gave_up(hass, entry.entry_id)) is not None:
+        # The engine gave up after a crash loop and the tracker reloaded the entry: it stays in this error state
+        # until the user retries (the repair's fix flow, a reload after fixing the cause, a changed setting).
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_crash_loop",
+            translation_placeholders={"error": gave_up},
+        )
     if config.worker.host is None:
         await _async_check_local_files(hass, entry, config)
     engine = Engine(config)

@@ -82,5 +82,6 @@ ISSUE_LIBRARY_MISSING: Final = "library_missing"
 ISSUE_LIBRARY_UNSUPPORTED: Final = "library_unsupported"
 ISSUE_MODEL_PLATFORM_MISMATCH: Final = "model_platform_mismatch"
 ISSUE_MODEL_TOOLKIT_NEWER: Final = "model_toolkit_newer"
+ISSUE_MODEL_LOAD_FAILED: Final = "model_load_failed"
 
 AGENT_MODEL_PREFIX: Final = "rkllm-agent-"

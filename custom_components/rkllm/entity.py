@@ -97,7 +97,15 @@ _CODE_FENCE: Final = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL
 MAX_TOOL_ERROR_CHARS: Final = 200
 # Translation keys of the engine's error codes (types.py `EngineError.code`).
 ENGINE_ERROR_KEYS: Final = frozenset(
-    {"queue_full", "unavailable", "worker_crashed", "context_length_exceeded", "generation_error", "invalid_request"}
+    {
+        "queue_full",
+        "unavailable",
+        "worker_crashed",
+        "worker_hung",
+        "context_length_exceeded",
+        "generation_error",
+        "invalid_request",
+    }
 )
 
 
