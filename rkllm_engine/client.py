@@ -94,6 +94,7 @@ class RuntimeInfo:
     platform: str | None
     max_context_limit: int | None
     pid: int | None
+    toolkit_version: str | None = None  # the model's converter (`I rkllm: rkllm-toolkit version: …`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -728,6 +729,7 @@ class WorkerClient:
             platform=_opt_str(reply.get("platform")),
             max_context_limit=_opt_int(reply.get("max_context_limit")),
             pid=_opt_int(reply.get("pid")),
+            toolkit_version=_opt_str(reply.get("toolkit_version")),
         )
         return self.info
 

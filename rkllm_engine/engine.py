@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from rkllm_native import logparse
+from rkllm_native.soc import local_soc
 
 from .client import InitSpec, RunFinished, RunStream, TextPiece, WorkerClient, WorkerLocation, WorkerState
 from .output import OutputParser, ParseResult
@@ -137,17 +138,9 @@ class EngineConfig:
 
 
 def local_platform() -> str | None:
-    """The SoC of this machine from the device tree (e.g. "RK3588"), or None when unknown."""
-    try:
-        with open("/proc/device-tree/compatible", "rb") as compatible:
-            entries = compatible.read().split(b"\0")
-    except OSError:
-        return None
-    for entry in entries:
-        vendor, _, chip = entry.decode("ascii", "replace").partition(",")
-        if vendor == "rockchip" and chip.startswith("rk") and chip[2:6].isdigit():
-            return chip[:6].upper()
-    return None
+    """The SoC of this machine from the device tree (e.g. "RK3588"), or None when unknown (`rkllm_native.soc`)."""
+    soc = local_soc()
+    return soc.upper() if soc is not None else None
 
 
 def default_cpu_mask(cpu_cores: int, platform: str | None) -> int:
@@ -463,6 +456,7 @@ class Engine:
                 abi_profile=info.profile,
                 driver_version=info.driver_version,
                 platform=info.platform or platform,
+                toolkit_version=info.toolkit_version,
                 restarts=client.restarts,
                 last_error=None,
                 tools_loaded=(),

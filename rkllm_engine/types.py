@@ -217,6 +217,7 @@ class EngineMetrics:
     restarting: bool = False  # the worker died after it had been ready and is being brought back
     stall: str | None = None  # a run is past its expected time (or the watchdog just ended one): why
     watchdog_fired: int = 0  # runs the no-progress watchdog ended since the engine started
+    toolkit_version: str | None = None  # rkllm-toolkit version the loaded model was converted with
 
     @property
     def kv_usage(self) -> float | None:

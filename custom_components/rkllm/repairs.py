@@ -30,6 +30,7 @@ from .const import (
     ISSUE_LIBRARY_UNSUPPORTED,
     ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_MODEL_TOOLKIT_NEWER,
     LOGGER,
 )
 from .data import RkllmConfigEntry
@@ -42,6 +43,7 @@ SETUP_ISSUES = (
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_MODEL_TOOLKIT_NEWER,
     ISSUE_MODEL_LOAD_FAILED,
 )
 ALL_ISSUES = (*SETUP_ISSUES, ISSUE_NPU_DRIVER_TOO_OLD, ISSUE_WORKER_CRASH_LOOP)
@@ -63,6 +65,16 @@ _PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     ISSUE_LIBRARY_MISSING: ("title", "path", "error"),
     ISSUE_LIBRARY_UNSUPPORTED: ("title", "path", "version", "error"),
     ISSUE_MODEL_PLATFORM_MISMATCH: ("title", "model", "platform", "error"),
+    ISSUE_MODEL_TOOLKIT_NEWER: (
+        "title",
+        "model",
+        "library",
+        "toolkit_version",
+        "runtime_version",
+        "required_version",
+        "release",
+        "error",
+    ),
     ISSUE_NPU_DRIVER_TOO_OLD: ("title", "driver_version", "required_version"),
     ISSUE_WORKER_CRASH_LOOP: ("title", "failures", "restarts", "error"),
     ISSUE_MODEL_LOAD_FAILED: ("title", "model", "error"),
@@ -73,6 +85,7 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_LIBRARY_MISSING: ir.IssueSeverity.ERROR,
     ISSUE_LIBRARY_UNSUPPORTED: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_PLATFORM_MISMATCH: ir.IssueSeverity.ERROR,
+    ISSUE_MODEL_TOOLKIT_NEWER: ir.IssueSeverity.ERROR,
     ISSUE_NPU_DRIVER_TOO_OLD: ir.IssueSeverity.WARNING,
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_LOAD_FAILED: ir.IssueSeverity.ERROR,
@@ -138,11 +151,12 @@ def _async_delete_issue(hass: HomeAssistant, entry_id: str, key: str) -> None:
 async def async_raise_setup_issue(
     hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
 ) -> None:
-    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`) for `entry`.
+    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`, …) for `entry`.
 
     `placeholders` fill the translated text: `library_missing` uses `path` and `error`; `library_unsupported`
-    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`. The
-    entry title is added; a missing value reads "unknown".
+    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`;
+    `model_toolkit_newer` uses `model`, `library`, `toolkit_version`, `runtime_version`, `required_version`,
+    `release` and `error`. The entry title is added; a missing value reads "unknown".
     """
     if key not in _PLACEHOLDERS:
         raise ValueError(f"unknown rkllm repair issue {key!r}: expected one of {', '.join(_PLACEHOLDERS)}")
