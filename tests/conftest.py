@@ -5,6 +5,8 @@ without touching HA. Note that pytest-homeassistant-custom-component's autouse f
 test (socket blocking, leftover thread/task/timer checks, asyncio debug mode): see README "Development".
 """
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def repo_root() -> Path:
     """Repository root, so tests find project files regardless of the working directory."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_emulated_npu() -> Iterator[str]:
+    """This test session's emulator runs share an NPU of their own (rkllm_native/emulator/MODEL_FORMAT.md §8.1).
+
+    By default every emulator process of a user shares one emulated NPU, so another engineer's test run on the
+    same machine would slow this one's runs down and break its timing checks. Worker processes inherit the name.
+    """
+    name = f"pytest-{os.getpid()}"
+    previous = os.environ.get("RKLLM_EMULATOR_NPU")
+    os.environ["RKLLM_EMULATOR_NPU"] = name
+    yield name
+    if previous is None:
+        os.environ.pop("RKLLM_EMULATOR_NPU", None)
+    else:
+        os.environ["RKLLM_EMULATOR_NPU"] = previous
+    Path(f"/dev/shm/rkllm-emu-npu1-{os.getuid()}-{name}").unlink(missing_ok=True)

@@ -67,6 +67,34 @@ void emu_sleep_ns(uint64_t duration_ns);
 int emu_version_compare(const char *a, const char *b);
 bool emu_file_exists(const char *path);
 
+/* ---------------------------------------------------------------- NPU sharing (emu_npu.c) */
+
+/* One emulated NPU (a shared-memory table of the runs using it), attached once per process and name. */
+typedef struct emu_npu emu_npu;
+
+/* A run's place on the NPU. entry < 0: not counted (sharing off, or the table is full). */
+typedef struct {
+    emu_npu *npu;
+    int entry;
+    int64_t surplus_ns; /* wall time already slept beyond the work asked for so far */
+} emu_npu_run;
+
+/* NPU names are 1-64 of [A-Za-z0-9._-] (they become part of a shared-memory object name). */
+bool emu_npu_name_valid(const char *name);
+/* The shared-memory object of an NPU name for this user: "/rkllm-emu-npu1-<uid>-<name>". */
+void emu_npu_shm_name(const char *name, char *out, size_t out_len);
+/* Attaches to the named NPU (refcounted per process). Never fails: when shared memory is unavailable the
+   table is process-local and `warning` gets the reason. */
+emu_npu *emu_npu_attach(const char *name, emu_str *warning);
+void emu_npu_detach(emu_npu *npu);
+/* Claims an entry for a run and marks it computing; npu NULL = sharing off (delays are plain sleeps). */
+void emu_npu_run_begin(emu_npu *npu, emu_npu_run *run, const void *owner);
+/* A run inside its result callback is not computing: it does not slow the other runs. */
+void emu_npu_run_computing(emu_npu_run *run, bool computing);
+void emu_npu_run_end(emu_npu_run *run);
+/* Spends work_ns of NPU time (at full speed): wall time stretches with the number of runs computing. */
+void emu_npu_work(emu_npu_run *run, uint64_t work_ns);
+
 /* ---------------------------------------------------------------- JSON scanning (emu_json.c) */
 
 /* Returns the position after the JSON value starting at p (after whitespace), or NULL on a syntax error. */
@@ -158,6 +186,7 @@ typedef struct {
     double memory_mb;
     int prefill_chunk_tokens;
     double speed;
+    bool npu_sharing; /* runs of every handle and process on one NPU slow each other down (§8.1) */
     int chars_per_token;
     bool thinking;
     bool utf8_waiting; /* utf8_split = waiting (true) or raw (false) */

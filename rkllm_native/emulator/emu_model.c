@@ -363,6 +363,7 @@ static bool emu_parse_key(const emu_parse_ctx *ctx, const char *key, const char 
         return true;
     }
     if (strcmp(key, "speed") == 0) return emu_parse_double(ctx, key, value, 0, false, &model->speed);
+    if (strcmp(key, "npu_sharing") == 0) return emu_parse_bool(ctx, key, value, &model->npu_sharing);
     if (strcmp(key, "chars_per_token") == 0) {
         if (!emu_parse_int(ctx, key, value, 1, 64, &number)) return false;
         model->chars_per_token = (int)number;
@@ -445,6 +446,7 @@ static void emu_model_defaults(emu_model *model) {
     model->memory_mb = NAN;
     model->prefill_chunk_tokens = 16;
     model->speed = 1.0;
+    model->npu_sharing = true;
     model->chars_per_token = 6;
     model->thinking = false;
     model->utf8_waiting = true;

@@ -32,12 +32,14 @@ __attribute__((used)) static const char emu_sdk_marker[] =
 typedef struct {
     emu_tokens kv;
     size_t sys_len;        /* leading KV tokens that are the system prompt */
+    bool eos_pending;      /* the last answer ended with the end-of-turn token, not yet in the KV (§6) */
     char *last_user_input; /* input text of the last user run, for `after` rules */
 } emu_slot;
 
 typedef struct {
     emu_model model;
     double speed; /* 0 = never sleep */
+    emu_npu *npu; /* the NPU this handle's runs share; NULL = sharing off or speed 0 (MODEL_FORMAT.md §8.1) */
     int max_context_len;
     int max_new_tokens;
     int n_keep;
@@ -170,6 +172,27 @@ static int emu_init(LLMHandle *handle_out, RKLLMParam *param, LLMResultCallback 
         }
     }
 
+    const char *sharing_env = getenv("RKLLM_EMULATOR_NPU_SHARING");
+    int env_sharing = -1; /* -1 = the model file's npu_sharing decides */
+    if (sharing_env != NULL && *sharing_env != '\0') {
+        if (strcmp(sharing_env, "on") == 0 || strcmp(sharing_env, "1") == 0 || strcmp(sharing_env, "true") == 0) {
+            env_sharing = 1;
+        } else if (strcmp(sharing_env, "off") == 0 || strcmp(sharing_env, "0") == 0 ||
+                   strcmp(sharing_env, "false") == 0) {
+            env_sharing = 0;
+        } else {
+            emu_log('E', "RKLLM_EMULATOR_NPU_SHARING must be on or off, got '%s'", sharing_env);
+            return -1;
+        }
+    }
+    const char *npu_name = getenv("RKLLM_EMULATOR_NPU");
+    if (npu_name == NULL || *npu_name == '\0') {
+        npu_name = "default";
+    } else if (!emu_npu_name_valid(npu_name)) {
+        emu_log('E', "RKLLM_EMULATOR_NPU must be 1-64 letters, digits, '.', '_' or '-', got '%s'", npu_name);
+        return -1;
+    }
+
     emu_model model;
     emu_str model_messages = {0};
     bool model_ok = emu_model_load(param->model_path, &model, &model_messages) == 0;
@@ -265,6 +288,16 @@ static int emu_init(LLMHandle *handle_out, RKLLMParam *param, LLMResultCallback 
     atomic_init(&h->busy, 0);
     atomic_init(&h->abort_requested, 0);
     atomic_init(&h->abort_effective_ns, 0);
+    bool sharing = env_sharing >= 0 ? env_sharing == 1 : model.npu_sharing;
+    if (sharing && h->speed > 0.0) {
+        emu_str warning = {0};
+        h->npu = emu_npu_attach(npu_name, &warning);
+        if (warning.len > 0) {
+            emu_log('W', "emulator: NPU '%s' is shared only by the handles of this process: %s", npu_name,
+                    emu_str_cstr(&warning));
+        }
+        emu_str_free(&warning);
+    }
 
     emu_sleep_ns(emu_scaled_ns(h, model.load_time_ms / 1000.0));
     emu_log('I', "Enabled cpus num: %d", cpus);
@@ -518,6 +551,7 @@ RKLLM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int
                 slot->kv.len = 0;
                 slot->sys_len = 0;
             }
+            slot->eos_pending = false;
             emu_publish_kv(h, (size_t)i);
         }
         h->paused = false;
@@ -981,6 +1015,8 @@ typedef struct {
     emu_input *inputs;
     emu_infer infer;
     void *userdata;
+    emu_npu_run npu;      /* this run's place on the shared NPU (§8.1) */
+    uint64_t callback_ns; /* time spent inside callbacks, which is not generate time (§7) */
 } emu_job;
 
 static void emu_free_job(emu_job *job) {
@@ -989,8 +1025,15 @@ static void emu_free_job(emu_job *job) {
     emu_infer_free(&job->infer);
 }
 
+/* Every callback goes through here. [Inf] A run inside its callback computes nothing: it does not slow the runs
+   of other handles, and the time it spends there (a caller blocking to pause it) is not perf time (§7, §8). */
 static int emu_callback(emu_job *job, RKLLMResult *results, LLMCallState state) {
-    return job->h->callback(results, job->userdata, state);
+    emu_npu_run_computing(&job->npu, false);
+    uint64_t entered = emu_now_ns();
+    int verdict = job->h->callback(results, job->userdata, state);
+    job->callback_ns += emu_now_ns() - entered;
+    emu_npu_run_computing(&job->npu, true);
+    return verdict;
 }
 
 /* Emits the ERROR callback with the message as text ([Inf] community code reads text on ERROR, §4.2). */
@@ -1026,13 +1069,19 @@ static int emu_prepare(emu_job *job, emu_slot_run *runs, const emu_tokens *syste
             emu_log('I', "current kv cache size: %zu", slot->kv.len);
             emu_log('I', "keep history status: %d", job->infer.keep_history ? 1 : 0);
         }
+        /* The previous answer's end-of-turn token closes it at the start of a templated turn; raw (TOKEN/EMBED)
+           turns bring their own markers, and a fresh prompt drops the old answer anyway. */
+        bool close_turn = append && !raw && slot->eos_pending;
+        slot->eos_pending = false;
         if (append) {
-            if (run->turn.len > (size_t)h->max_context_len) {
+            size_t turn_len = run->turn.len + (close_turn ? 1 : 0);
+            if (turn_len > (size_t)h->max_context_len) {
                 emu_str_printf(error, "the length of prompt is greater than max context (prompt: %zu tokens, max context: %d)",
-                               run->turn.len, h->max_context_len);
+                               turn_len, h->max_context_len);
                 return -1;
             }
-            if (emu_make_room(h, (size_t)i, run->turn.len, false, error) != 0) return -1;
+            if (emu_make_room(h, (size_t)i, turn_len, false, error) != 0) return -1;
+            if (close_turn) emu_tokens_push(&run->prefill, emu_token_id(EMU_EOS_TEXT, strlen(EMU_EOS_TEXT)));
             emu_tokens_append(&run->prefill, run->turn.ids, run->turn.len);
             continue;
         }
@@ -1071,7 +1120,6 @@ static bool emu_prefill(emu_job *job, emu_slot_run *runs, const emu_tokens *syst
     emu_handle *h = job->h;
     uint64_t per_token_ns = emu_scaled_ns(h, 1.0 / h->model.prefill_tokens_per_s);
     size_t chunk = (size_t)h->model.prefill_chunk_tokens;
-    uint64_t deadline = emu_now_ns();
     for (int i = 0; i < h->n_batch; i++) {
         emu_slot *slot = &h->slots[i];
         emu_slot_run *run = &runs[i];
@@ -1079,8 +1127,7 @@ static bool emu_prefill(emu_job *job, emu_slot_run *runs, const emu_tokens *syst
         while (run->prefilled < run->prefill.len) {
             if (emu_abort_effective(h)) return false;
             size_t take = run->prefill.len - run->prefilled < chunk ? run->prefill.len - run->prefilled : chunk;
-            deadline += per_token_ns * take;
-            emu_sleep_until_ns(deadline);
+            emu_npu_work(&job->npu, per_token_ns * take);
             emu_tokens_append(&slot->kv, run->prefill.ids + run->prefilled, take);
             run->prefilled += take;
             /* Once the system prompt is complete it stays resident, even if this run is aborted later. */
@@ -1175,6 +1222,7 @@ static emu_end emu_decode(emu_job *job, emu_slot_run *runs, emu_str *error, size
                 abort(); /* in case SIGSEGV is ignored */
             }
             if (model->fault == EMU_FAULT_HANG) {
+                emu_npu_run_computing(&job->npu, false); /* a hung run is stuck, not computing */
                 for (;;) emu_sleep_ns(1000000000ull); /* unresponsive: ignores abort, never returns */
             }
             if (model->fault == EMU_FAULT_ERROR) {
@@ -1206,19 +1254,25 @@ static emu_end emu_decode(emu_job *job, emu_slot_run *runs, emu_str *error, size
             bool has_piece = emu_next_piece(h, run, &bytes, &len, &is_eos);
             if (!slept && (has_piece || !h->skip_special_token)) {
                 /* One decode step per delivered token; [Inf] it starts when the callback returned (§4.3). */
-                emu_sleep_ns(per_token_ns);
+                emu_npu_work(&job->npu, per_token_ns);
                 slept = true;
             }
             if (!has_piece) {
                 run->finished = true;
+                if (h->skip_special_token) {
+                    /* [Inf] The sampled end-of-turn token is not fed back through the model in this run: it
+                       enters the KV with the next appended turn, whose prefill counts it (§6). So after every
+                       finished run the KV holds exactly the reused, prefilled and generated tokens. */
+                    slot->eos_pending = true;
+                    continue;
+                }
                 if (emu_make_room(h, (size_t)i, 1, true, error) != 0) {
                     end = EMU_END_ERROR;
                     break;
                 }
                 emu_tokens_push(&slot->kv, eos_id);
                 emu_publish_kv(h, (size_t)i);
-                if (h->skip_special_token) continue;
-                /* [Inf] with skip_special_token off, the end-of-turn token is delivered as text. */
+                /* [Inf] with skip_special_token off, the end-of-turn token is delivered as text (and counted). */
                 bytes = EMU_EOS_TEXT;
                 len = strlen(EMU_EOS_TEXT);
             } else {
@@ -1270,7 +1324,10 @@ static void emu_finish_kv(emu_handle *h, bool keep_history, bool paused) {
         emu_slot *slot = &h->slots[i];
         if (slot->sys_len > slot->kv.len) slot->sys_len = slot->kv.len;
         /* keep_history=0: only the system prompt stays resident for the next run (§4.6). */
-        if (!paused && !keep_history) slot->kv.len = slot->sys_len;
+        if (!paused && !keep_history) {
+            slot->kv.len = slot->sys_len;
+            slot->eos_pending = false;
+        }
         emu_publish_kv(h, (size_t)i);
     }
 }
@@ -1279,6 +1336,8 @@ static void emu_finish_kv(emu_handle *h, bool keep_history, bool paused) {
 static int emu_run_job(emu_job *job) {
     emu_handle *h = job->h;
     uint64_t started = emu_now_ns();
+    emu_npu_run_begin(h->npu, &job->npu, h);
+    job->callback_ns = 0;
     h->run_sequence++;
     emu_slot_run *runs = emu_xcalloc((size_t)h->n_batch, sizeof(emu_slot_run));
     emu_str system_text = {0};
@@ -1335,6 +1394,9 @@ static int emu_run_job(emu_job *job) {
         }
     }
     uint64_t finished = emu_now_ns();
+    /* Callbacks only run after the prefill; the time the caller kept them is its own, not the NPU's. */
+    uint64_t generate_ns = finished - prefill_done;
+    generate_ns = job->callback_ns < generate_ns ? generate_ns - job->callback_ns : 0;
 
     int status = 0;
     switch (end) {
@@ -1342,7 +1404,7 @@ static int emu_run_job(emu_job *job) {
         RKLLMPerfStat perf = {
             .prefill_time_ms = (float)((double)(prefill_done - started) / 1e6),
             .prefill_tokens = (int)prefill_tokens,
-            .generate_time_ms = (float)((double)(finished - prefill_done) / 1e6),
+            .generate_time_ms = (float)((double)generate_ns / 1e6),
             .generate_tokens = (int)generated,
             .memory_usage_mb = (float)h->model.memory_mb,
         };
@@ -1375,6 +1437,7 @@ static int emu_run_job(emu_job *job) {
                                runs[0].prompt_end < h->slots[0].kv.len ? runs[0].prompt_end : h->slots[0].kv.len);
     }
     emu_finish_kv(h, job->infer.keep_history, end == EMU_END_PAUSE);
+    emu_npu_run_end(&job->npu);
 
     for (int i = 0; i < h->n_batch; i++) {
         emu_tokens_free(&runs[i].turn);
@@ -1511,6 +1574,7 @@ RKLLM_API int rkllm_destroy(LLMHandle handle) {
     free(h->template_prefix);
     free(h->template_postfix);
     pthread_mutex_destroy(&h->lock);
+    emu_npu_detach(h->npu);
     emu_model_free(&h->model);
     free(h);
     return 0;

@@ -400,13 +400,13 @@ def test_keep_history_prefills_only_the_new_turn(
     session = sessions(profile, write_model("default_answer = ok\n"))
     first = session.one("hello there", keep_history=True)
     assert first.prefill_tokens == ntok(system_part(DEFAULT_SYSTEM) + user_turn("hello there"))
-    # the answer "ok" plus the end-of-turn token stay in the KV
-    assert session.kv() == [first.prefill_tokens + 2]
+    # the answer "ok" stays in the KV; its end-of-turn token is prefilled with the next appended turn (§6)
+    assert session.kv() == [first.prefill_tokens + 1]
     second = session.one("and again", keep_history=True)
-    assert second.prefill_tokens == ntok(user_turn("and again"))
-    assert session.kv() == [first.prefill_tokens + 2 + second.prefill_tokens + 2]
+    assert second.prefill_tokens == 1 + ntok(user_turn("and again"))
+    assert session.kv() == [first.prefill_tokens + 1 + second.prefill_tokens + 1]
     tool = session.one('{"ok": true}', "tool", keep_history=True)
-    assert tool.prefill_tokens == ntok(user_turn('<tool_response>\n{"ok": true}\n</tool_response>'))
+    assert tool.prefill_tokens == 1 + ntok(user_turn('<tool_response>\n{"ok": true}\n</tool_response>'))
 
 
 def test_keep_history_0_keeps_only_the_system_prompt_and_reuses_it(
@@ -695,7 +695,8 @@ def test_run_async_returns_at_once_and_delivers_from_its_thread(
 def test_handles_are_independent_and_run_in_parallel(
     write_model: Callable[..., Path], sessions: Callable[..., Session]
 ) -> None:
-    timing = "speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 25\n"
+    # npu_sharing off: this is about the handles' independence; sharing one NPU is test_emulator_npu.py's
+    timing = "speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 25\nnpu_sharing = false\n"
     first = sessions("v130", write_model(timing + "default_answer = a b c d e f g h i j\n", name="one.model"))
     second = sessions("v130", write_model(timing + "default_answer = k l m n o p q r s t\n", name="two.model"))
     first.set_template("", "", "")  # only the first handle changes its template
@@ -714,8 +715,8 @@ def test_handles_are_independent_and_run_in_parallel(
     answer_tokens = ntok("a b c d e f g h i j")
     assert answer_tokens == 10
     assert elapsed < 0.4 * 1.6  # 10 tokens at 25 tok/s each, side by side rather than one after the other
-    assert first.kv() == [ntok("go") + answer_tokens + 1]  # + the end-of-turn token
-    assert second.kv() == [ntok(system_part(DEFAULT_SYSTEM) + user_turn("go")) + answer_tokens + 1]
+    assert first.kv() == [ntok("go") + answer_tokens]  # the end-of-turn token waits for the next turn (§6)
+    assert second.kv() == [ntok(system_part(DEFAULT_SYSTEM) + user_turn("go")) + answer_tokens]
 
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "rkllm_native" / "emulator" / "models"
@@ -797,13 +798,14 @@ def test_full_history_is_shifted_from_n_keep(
 ) -> None:
     system = ntok(system_part(DEFAULT_SYSTEM))
     turn = ntok(user_turn("tell me more"))
-    context = system + 3 * (turn + 2) + turn // 2  # three turns + answers ("fine" + end of turn) fit, a fourth not
+    # three turns + answers fit, a fourth not; each later turn also prefills the previous answer's end of turn
+    context = system + 3 * (turn + 2) + turn // 2
     session = sessions("v12x", write_model("default_answer = fine\n"), max_context_len=context)
     sizes = []
     for _ in range(4):
         assert session.one("tell me more", keep_history=True).rc == 0
         sizes.append(session.kv()[0])
-    assert sizes[:3] == [system + turn + 2, system + 2 * (turn + 2), system + 3 * (turn + 2)]
+    assert sizes[:3] == [system + turn + 1, system + 2 * (turn + 2) - 1, system + 3 * (turn + 2) - 1]
     assert sizes[2] + turn > context  # the fourth turn does not fit: history after the system prompt goes
     assert sizes[3] <= context
     shifts = [line for line in capfd.readouterr().out.splitlines() if "context to be full" in line]
@@ -920,8 +922,8 @@ def test_batch_elements_run_side_by_side(write_model: Callable[..., Path], sessi
     finished_after_one = [-1] * (ntok("one two six") - 1)
     assert [e.token_id for e in second.events if e.state == NORMAL][1:] == finished_after_one
     assert session.kv() == [
-        ntok(system_part(DEFAULT_SYSTEM) + user_turn("a")) + ntok("one two six") + 1,
-        ntok(system_part(DEFAULT_SYSTEM) + user_turn("b")) + 2,
+        ntok(system_part(DEFAULT_SYSTEM) + user_turn("a")) + ntok("one two six"),
+        ntok(system_part(DEFAULT_SYSTEM) + user_turn("b")) + 1,
     ]
 
 
