@@ -14,7 +14,13 @@ What it reports:
   numbers of rkllm-runtime.md §10 for the model's class (guessed from the file name or the emulator calibration);
 - one PASS/FAIL/UNKNOWN line per hardware assumption of docs/HISTORY.md that a run can decide: the KV cache
   keeping the system prompt and the history (prefill token counts and times), `set_function_tools` with "[]",
-  template restore, forced tool-call prefill, the empty template, keep_history=0, abort and max_new_tokens.
+  template restore, forced tool-call prefill, the empty template, keep_history=0, abort and max_new_tokens;
+- the slot checks (skip them with `--no-slots`): what the engine's multi-slot design assumes of the board, with
+  two runtime instances in two worker processes (`python -m rkllm_native.selfcheck --slot-worker`, each with its
+  own `base_domain_id`; this process's instance is released first): both load at once (memory per instance; the
+  section is skipped with a note when MemAvailable cannot hold two), both give the same tokens at once as alone,
+  their combined throughput against one alone, a run whose callback blocks ~2 s continues with the same text, and
+  what that blocked run costs the other one ([Inf] items of docs/runtime.md Appendix C).
 
 JSON report, schema 1 (keys are stable; a new key may be added without a schema bump, a changed one bumps it):
 
@@ -32,6 +38,8 @@ JSON report, schema 1 (keys are stable; a new key may be added without a schema 
                                      decode_tokens_per_s, memory_mb, speed_factor},
                   cold_system_prompt_prefill, warm_turn_prefill: {prefill_tokens, prefill_time_ms,
                                      generate_tokens, kv_before, kv_after}}
+    slots: {count, needed_per_instance_mb, mem_available_mb, base_domain_ids, block_s, skipped: null | str}
+                                   (absent with --no-slots)
     checks: [{id, assumption (HISTORY.md number or null), title, status: PASS|FAIL|UNKNOWN, detail, measurements}]
     runtime_log: [str]  (every line the runtime printed)
 
@@ -49,9 +57,12 @@ import json
 import math
 import os
 import platform
+import queue
 import re
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -561,6 +572,41 @@ def evaluate_keep_history(cold: RunMeasurement, continued: RunMeasurement) -> Ch
     return CheckResult("a2_keep_history", 2, title, "FAIL", detail, measurements)
 
 
+def evaluate_kv_accounting(cold: RunMeasurement, continued: RunMeasurement) -> CheckResult:
+    """[Inf] After a finished keep_history=1 run, KV = reused + prefilled + generated (docs/runtime.md §4.6).
+
+    The engine reports `cached_tokens` = KV after - prefill_tokens - generate_tokens. `cold` starts on an empty KV
+    (reused 0); `continued` appends to it (reused = the KV before it). An offset says how far usage is off, and
+    in which direction (+1 per turn: the end-of-turn token is in the KV but counted nowhere).
+    """
+    title = "KV after a keep_history=1 run = reused + prefilled + generated tokens"
+    offsets: list[int] = []
+    measurements: Measurements = {}
+    for name, run, reused in (("cold", cold, 0), ("continued", continued, continued.kv_before)):
+        if not run.finished:
+            detail = f"the {name} run gave no perf counters ({run.error or 'no FINISH'})"
+            return CheckResult("kv_accounting", None, title, "UNKNOWN", detail, measurements)
+        offset = run.kv_after - run.prefill_tokens - run.generate_tokens - reused
+        offsets.append(offset)
+        measurements[f"{name}_kv_before"] = run.kv_before
+        measurements[f"{name}_kv_after"] = run.kv_after
+        measurements[f"{name}_prefill_tokens"] = run.prefill_tokens
+        measurements[f"{name}_generate_tokens"] = run.generate_tokens
+        measurements[f"{name}_offset"] = offset
+    if offsets == [0, 0]:
+        detail = (
+            f"cold: KV {cold.kv_after} = {cold.prefill_tokens} prefilled + {cold.generate_tokens} generated; "
+            f"continued: KV {continued.kv_after} = {continued.kv_before} reused + {continued.prefill_tokens} + "
+            f"{continued.generate_tokens}"
+        )
+        return CheckResult("kv_accounting", None, title, "PASS", detail, measurements)
+    detail = (
+        f"KV after minus prefilled and generated is off by {offsets[0]:+d} (cold) and {offsets[1]:+d} (continued) "
+        "tokens from what was reused: usage's cached_tokens is off by as much per turn"
+    )
+    return CheckResult("kv_accounting", None, title, "FAIL", detail, measurements)
+
+
 def evaluate_clear_keeps_system(cold: RunMeasurement, warm: RunMeasurement, kv_after_clear: int) -> CheckResult:
     """HISTORY.md assumption 3: clear_kv_cache(keep_system_prompt=1) keeps system prompt and tools resident."""
     title = "clear_kv_cache(keep_system_prompt=1) keeps the system prompt resident"
@@ -812,6 +858,304 @@ def evaluate_performance(bench: RunMeasurement, reference: Reference | None, spe
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Slots: two runtime instances in two processes (the engine's multi-slot design, docs/runtime.md Appendix C)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInstance:
+    """One slot worker after its init: what loading took, or why it failed."""
+
+    base_domain_id: int
+    load_ms: float | None = None
+    rss_mb: float | None = None  # VmRSS after init
+    hwm_mb: float | None = None  # VmHWM after init
+    error: str | None = None  # init failed: the error and the runtime's last E line
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRun:
+    """One run in a slot worker: its text, when each text piece arrived (CLOCK_MONOTONIC, shared by processes)."""
+
+    text: str
+    token_times: tuple[float, ...]
+    started: float
+    ended: float
+    generate_tokens: int = 0
+    generate_time_ms: float = 0.0
+    finished: bool = True
+    error: str | None = None
+    block: tuple[float, float] | None = None  # when its callback blocked: (entered, returned)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Pieces per second from the first to the last piece (what a client sees)."""
+        if len(self.token_times) < 2 or self.token_times[-1] <= self.token_times[0]:
+            return None
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+
+    def pieces_between(self, start: float, end: float) -> int:
+        """Pieces that arrived in (start, end]."""
+        return sum(1 for at in self.token_times if start < at <= end)
+
+
+SLOT_COUNT: Final = 2
+SLOT_MAX_NEW_TOKENS: Final = 64
+SLOT_BLOCK_S: Final = 2.0  # how long the blocked callback waits (divided by the emulator's speed)
+SLOT_BLOCK_AFTER: Final = 2  # pieces before the callback blocks
+SLOT_MEMORY_MARGIN: Final = 1.15  # MemAvailable must exceed the instances' estimate by this factor
+SLOT_MIN_PIECES: Final = 5  # fewer pieces in a window than this: the rate in it is not judged
+SHARED_THROUGHPUT_PASS: Final = 0.8  # two at once must still deliver this share of one run alone, combined
+HALF_SHARE_HIGH: Final = 0.7  # each run at most this share of its solo rate = "time-shared" as the emulator models
+BLOCK_COST_PASS: Final = 0.8  # beside a blocked run the other keeps at least this share of its solo rate
+BLOCK_COST_FAIL: Final = 0.6
+SLOT_PROMPTS: Final = (
+    BENCH_PROMPT,
+    "Write a long, detailed story for children about a cat who runs a small bakery in a mountain village. Every "
+    "morning the cat bakes bread, cakes and biscuits, and the villagers queue in the snow. One winter the oven "
+    "breaks just before the big festival. Describe how the animals of the village help, what they bake together, "
+    "and how the festival ends. Use simple words and many sentences.",
+)
+
+
+def _unknown_slots(check_id: str, title: str, why: str) -> CheckResult:
+    return CheckResult(check_id, None, title, "UNKNOWN", why)
+
+
+SLOT_TITLES: Final[dict[str, str]] = {
+    "slots_init": "two runtime instances in two processes initialise at once",
+    "slots_concurrent_output": "two instances running at once give the same tokens as alone",
+    "slots_shared_throughput": "two instances at once lose no NPU throughput",
+    "slots_block_resume": "a run whose callback blocks continues with the same output",
+    "slots_block_cost": "a run blocked in its callback does not slow the other instance",
+}
+
+
+def evaluate_slots_memory(needed_mb: float, available_mb: float | None) -> str | None:
+    """Why the slot checks are skipped (not enough memory for two instances), or None to go ahead."""
+    if available_mb is None:
+        return None  # no /proc/meminfo: try, the init check reports a failure
+    wanted = SLOT_COUNT * needed_mb * SLOT_MEMORY_MARGIN
+    if available_mb >= wanted:
+        return None
+    return (
+        f"skipped: {SLOT_COUNT} instances need about {SLOT_COUNT} x {needed_mb:.0f} MB "
+        f"(+{SLOT_MEMORY_MARGIN - 1:.0%}), MemAvailable is {available_mb:.0f} MB; the engine cannot keep "
+        f"{SLOT_COUNT} slots of this model on this board"
+    )
+
+
+def evaluate_slots_init(
+    instances: list[SlotInstance], available_before_mb: float | None, available_after_mb: float | None
+) -> CheckResult:
+    """Two rkllm_init at the same time, in two processes, each with its own base_domain_id (docs/runtime.md §4.3)."""
+    title = SLOT_TITLES["slots_init"]
+    measurements: Measurements = {
+        "mem_available_before_mb": _round(available_before_mb, 0),
+        "mem_available_after_mb": _round(available_after_mb, 0),
+    }
+    for index, instance in enumerate(instances):
+        measurements[f"slot{index}_base_domain_id"] = instance.base_domain_id
+        measurements[f"slot{index}_load_ms"] = _round(instance.load_ms, 0)
+        measurements[f"slot{index}_rss_mb"] = _round(instance.rss_mb, 0)
+        measurements[f"slot{index}_hwm_mb"] = _round(instance.hwm_mb, 0)
+    failed = [(index, instance) for index, instance in enumerate(instances) if instance.error is not None]
+    if failed:
+        reasons = "; ".join(
+            f"slot {index} (base_domain_id {item.base_domain_id}): {item.error}" for index, item in failed
+        )
+        return CheckResult("slots_init", None, title, "FAIL", reasons, measurements)
+    taken = ""
+    if available_before_mb is not None and available_after_mb is not None:
+        taken = f"; MemAvailable fell by {available_before_mb - available_after_mb:.0f} MB for both"
+    each = ", ".join(
+        f"slot {index}: loaded in {_fmt(item.load_ms, ' ms', 0)}, RSS {_fmt(item.rss_mb, ' MB', 0)}"
+        for index, item in enumerate(instances)
+    )
+    return CheckResult("slots_init", None, title, "PASS", each + taken, measurements)
+
+
+def _common_prefix_chars(first: str, second: str) -> int:
+    count = 0
+    for one, other in zip(first, second, strict=False):
+        if one != other:
+            break
+        count += 1
+    return count
+
+
+def evaluate_concurrent_output(
+    alone: list[SlotRun], together: list[SlotRun], alone_again: list[SlotRun | None]
+) -> CheckResult:
+    """Each instance's text when both run at once equals its text alone (greedy decoding, top_k = 1).
+
+    `alone_again[i]` is a second solo run, made only when slot i's texts differed: it tells a runtime that is not
+    deterministic even alone (UNKNOWN) from one whose concurrent runs disturb each other (FAIL).
+    """
+    title = SLOT_TITLES["slots_concurrent_output"]
+    measurements: Measurements = {}
+    problems: list[str] = []
+    unsure: list[str] = []
+    for index, (solo, both) in enumerate(zip(alone, together, strict=True)):
+        measurements[f"slot{index}_pieces_alone"] = len(solo.token_times)
+        measurements[f"slot{index}_pieces_together"] = len(both.token_times)
+        if both.error is not None or not both.finished:
+            problems.append(f"slot {index} did not finish: {both.error or 'no FINISH'}")
+            continue
+        if both.text == solo.text:
+            continue
+        same = _common_prefix_chars(both.text, solo.text)
+        measurements[f"slot{index}_same_chars"] = same
+        again = alone_again[index]
+        if again is not None and again.text != solo.text:
+            unsure.append(f"slot {index} gives different texts even alone (greedy decoding is not repeatable)")
+        else:
+            problems.append(
+                f"slot {index} differs from its solo text after {same} characters: "
+                f"{_excerpt(both.text[same:], 40)!r} instead of {_excerpt(solo.text[same:], 40)!r}"
+            )
+    if problems:
+        return CheckResult("slots_concurrent_output", None, title, "FAIL", "; ".join(problems), measurements)
+    if unsure:
+        return CheckResult("slots_concurrent_output", None, title, "UNKNOWN", "; ".join(unsure), measurements)
+    detail = (
+        "both texts are identical to the texts each instance gives alone ("
+        + ", ".join(f"slot {index}: {len(run.token_times)} pieces" for index, run in enumerate(together))
+        + ")"
+    )
+    return CheckResult("slots_concurrent_output", None, title, "PASS", detail, measurements)
+
+
+def overlap_window(runs: list[SlotRun]) -> tuple[float, float] | None:
+    """The time every run was decoding (from the latest first piece to the earliest last piece)."""
+    if any(len(run.token_times) < 2 for run in runs):
+        return None
+    start = max(run.token_times[0] for run in runs)
+    end = min(run.token_times[-1] for run in runs)
+    return (start, end) if end > start else None
+
+
+def evaluate_shared_throughput(alone: list[SlotRun], together: list[SlotRun]) -> CheckResult:
+    """[Inf] Two runs at once time-share the NPU: each about half as fast, together as fast as one alone."""
+    title = SLOT_TITLES["slots_shared_throughput"]
+    solo_rates = [run.decode_tokens_per_s for run in alone]
+    measurements: Measurements = {
+        f"slot{index}_alone_tokens_per_s": _round(rate) for index, rate in enumerate(solo_rates)
+    }
+    window = overlap_window(together)
+    known_rates = [rate for rate in solo_rates if rate is not None]
+    if window is None or len(known_rates) != len(solo_rates):
+        detail = "the runs did not decode at the same time"
+        return CheckResult("slots_shared_throughput", None, title, "UNKNOWN", detail, measurements)
+    start, end = window
+    counts = [run.pieces_between(start, end) for run in together]
+    measurements["overlap_s"] = round(end - start, 3)
+    if min(counts) < SLOT_MIN_PIECES:
+        detail = f"the runs overlapped for only {end - start:.2f} s ({min(counts)} pieces): too short to judge"
+        return CheckResult("slots_shared_throughput", None, title, "UNKNOWN", detail, measurements)
+    shares: list[float] = []
+    together_rates: list[float] = []
+    for index, (count, solo_rate) in enumerate(zip(counts, known_rates, strict=True)):
+        rate = count / (end - start)
+        together_rates.append(rate)
+        shares.append(rate / solo_rate)
+        measurements[f"slot{index}_together_tokens_per_s"] = round(rate, 2)
+        measurements[f"slot{index}_share"] = round(rate / solo_rate, 3)
+    combined = sum(together_rates) / (sum(known_rates) / len(known_rates))
+    measurements["combined_vs_alone"] = round(combined, 3)
+    split = ", ".join(f"slot {index} {share:.0%}" for index, share in enumerate(shares))
+    detail = (
+        f"at once each ran at {split} of its solo rate; together {sum(together_rates):.1f} tok/s = {combined:.0%} of "
+        "one run alone"
+    )
+    if combined < SHARED_THROUGHPUT_PASS:
+        hint = ": running slots at once wastes NPU time; pause the other slot rather than share"
+        return CheckResult("slots_shared_throughput", None, title, "FAIL", detail + hint, measurements)
+    model = (
+        " (time-shared, as the emulator models it)"
+        if max(shares) <= HALF_SHARE_HIGH
+        else " (each run kept more than the emulator's half: the NPU had capacity to spare)"
+    )
+    return CheckResult("slots_shared_throughput", None, title, "PASS", detail + model, measurements)
+
+
+def evaluate_block_resume(alone: SlotRun, blocked: SlotRun, again: SlotRun | None) -> CheckResult:
+    """[Inf] A run whose callback blocks (the engine's pause) continues afterwards with the same output.
+
+    Also reports whether the runtime's generate_time_ms counts the blocked time: it is then close to the wall time
+    from the first to the last piece, else close to that minus the block. `again` is a second solo run, made only
+    when the texts differ.
+    """
+    title = SLOT_TITLES["slots_block_resume"]
+    measurements: Measurements = {"pieces_before_block": SLOT_BLOCK_AFTER}
+    if blocked.block is None:
+        detail = f"the run ended after {len(blocked.token_times)} pieces, before its callback could block"
+        return CheckResult("slots_block_resume", None, title, "UNKNOWN", detail, measurements)
+    block_ms = (blocked.block[1] - blocked.block[0]) * 1000
+    measurements["blocked_ms"] = round(block_ms, 1)
+    counted = None
+    if blocked.finished and blocked.generate_time_ms > 0 and len(blocked.token_times) >= 2:
+        span_ms = (blocked.token_times[-1] - blocked.token_times[0]) * 1000
+        measurements["generate_time_ms"] = round(blocked.generate_time_ms, 1)
+        measurements["first_to_last_piece_ms"] = round(span_ms, 1)
+        counted = blocked.generate_time_ms > span_ms - 0.5 * block_ms
+        measurements["perf_counts_blocked_time"] = counted
+    if blocked.error is not None or not blocked.finished:
+        detail = f"after the {block_ms:.0f} ms block the run did not finish: {blocked.error or 'no FINISH'}"
+        return CheckResult("slots_block_resume", None, title, "FAIL", detail, measurements)
+    perf_note = (
+        ""
+        if counted is None
+        else "; its generate_time_ms includes the blocked time"
+        if counted
+        else "; its generate_time_ms leaves the blocked time out"
+    )
+    if blocked.text == alone.text:
+        detail = f"blocked {block_ms:.0f} ms after {SLOT_BLOCK_AFTER} pieces, then finished with the same text"
+        detail += perf_note
+        return CheckResult("slots_block_resume", None, title, "PASS", detail, measurements)
+    if again is not None and again.text != alone.text:
+        detail = "the text differs, but it differs between two solo runs too (greedy decoding is not repeatable)"
+        return CheckResult("slots_block_resume", None, title, "UNKNOWN", detail, measurements)
+    same = _common_prefix_chars(blocked.text, alone.text)
+    measurements["same_chars"] = same
+    detail = (
+        f"after the {block_ms:.0f} ms block the text differs from the solo text after {same} characters: "
+        f"{_excerpt(blocked.text[same:], 40)!r}"
+    )
+    return CheckResult("slots_block_resume", None, title, "FAIL", detail, measurements)
+
+
+def evaluate_block_cost(alone: SlotRun, beside_block: SlotRun, blocked: SlotRun) -> CheckResult:
+    """[Inf] A run blocked in its callback computes nothing, so the other instance runs at its solo rate meanwhile."""
+    title = SLOT_TITLES["slots_block_cost"]
+    solo_rate = alone.decode_tokens_per_s
+    measurements: Measurements = {"alone_tokens_per_s": _round(solo_rate)}
+    if blocked.block is None or solo_rate is None or len(beside_block.token_times) < 2:
+        detail = "no block overlapped the other run"
+        return CheckResult("slots_block_cost", None, title, "UNKNOWN", detail, measurements)
+    start = max(blocked.block[0], beside_block.token_times[0])
+    end = min(blocked.block[1], beside_block.token_times[-1])
+    pieces = beside_block.pieces_between(start, end) if end > start else 0
+    measurements["window_s"] = round(max(0.0, end - start), 3)
+    measurements["pieces_in_window"] = pieces
+    if pieces < SLOT_MIN_PIECES:
+        detail = f"the other run produced {pieces} pieces while the first one was blocked: too few to judge"
+        return CheckResult("slots_block_cost", None, title, "UNKNOWN", detail, measurements)
+    rate = pieces / (end - start)
+    share = rate / solo_rate
+    measurements["beside_block_tokens_per_s"] = round(rate, 2)
+    measurements["share_of_alone"] = round(share, 3)
+    detail = f"while the first run sat in its callback the other ran at {rate:.1f} tok/s = {share:.0%} of its solo rate"
+    if share >= BLOCK_COST_PASS:
+        return CheckResult("slots_block_cost", None, title, "PASS", detail, measurements)
+    if share <= BLOCK_COST_FAIL:
+        hint = ": a run blocked in its callback still holds the NPU; pause other slots by aborting them instead"
+        return CheckResult("slots_block_cost", None, title, "FAIL", detail + hint, measurements)
+    return CheckResult("slots_block_cost", None, title, "UNKNOWN", detail + " (between the two verdicts)", measurements)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Capturing what the runtime prints
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -881,6 +1225,233 @@ class OutputCapture:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Slot workers: `python -m rkllm_native.selfcheck --slot-worker <json>` holds one runtime instance
+# ---------------------------------------------------------------------------------------------------------------
+
+SLOT_WORKER_FLAG: Final = "--slot-worker"
+SLOT_INIT_TIMEOUT_S: Final = 180.0  # two loads at once, 2-15 s each on a board (docs/runtime.md §10.2)
+SLOT_RUN_TIMEOUT_S: Final = 600.0
+SLOT_START_DELAY_S: Final = 0.3  # both runs start at one moment this far ahead, after both got the command
+
+
+class SlotWorkerError(RkllmError):
+    """A slot worker died or stopped answering."""
+
+    code = "selfcheck_slot_worker"
+
+
+def _status_mb(key: str) -> float | None:
+    """A `kB` line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def mem_available_mb() -> float | None:
+    """MemAvailable of /proc/meminfo in MB (None when unreadable)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+class _SlotSink:
+    """Keeps each piece's arrival time; with block_s, blocks inside the callback once, as the engine's pause."""
+
+    def __init__(self, block_s: float | None) -> None:
+        self.pieces: list[str] = []
+        self.times: list[float] = []
+        self.block_s = block_s
+        self.block: tuple[float, float] | None = None
+        self.perf: PerfStat | None = None
+        self.error: str | None = None
+
+    def on_text(self, text: str, token_id: int) -> bool:
+        self.times.append(time.monotonic())
+        self.pieces.append(text)
+        if self.block_s is not None and self.block is None and len(self.pieces) >= SLOT_BLOCK_AFTER:
+            entered = time.monotonic()
+            time.sleep(self.block_s)  # blocking here on purpose: this is what is being measured
+            self.block = (entered, time.monotonic())
+        return False
+
+    def on_finish(self, perf: PerfStat) -> None:
+        self.perf = perf
+
+    def on_error(self, message: str) -> None:
+        self.error = message
+
+
+def slot_worker_main(argv: list[str]) -> int:
+    """The worker side: init one instance, then run what the parent sends, answering in JSON lines on stdout."""
+    config = json.loads(argv[0])
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # the runtime's own lines go to the worker's log (stderr), never into the channel
+
+    def send(message: dict[str, Any]) -> None:
+        channel.write(json.dumps(message) + "\n")
+        channel.flush()
+
+    mask = int(config["cpu_mask"])
+    params = RuntimeParams(
+        model_path=config["model"],
+        max_context_len=int(config["context_length"]),
+        max_new_tokens=SLOT_MAX_NEW_TOKENS,
+        top_k=1,  # greedy: a run's text alone and beside another must be comparable
+        base_domain_id=int(config["base_domain_id"]),
+        enabled_cpus_num=mask.bit_count(),
+        enabled_cpus_mask=mask,
+    )
+    runtime = Runtime(config["library"], config["profile"])
+    started = time.monotonic()
+    try:
+        runtime.init(params)
+    except RkllmError as err:
+        _flush_c_stdio()
+        send({"event": "error", "message": str(err)})
+        return 2
+    send(
+        {
+            "event": "ready",
+            "load_ms": (time.monotonic() - started) * 1000.0,
+            "rss_mb": _status_mb("VmRSS"),
+            "hwm_mb": _status_mb("VmHWM"),
+        }
+    )
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("cmd") != "run":
+            break
+        start_at = command.get("start_at")
+        if isinstance(start_at, float):
+            time.sleep(max(0.0, start_at - time.monotonic()))
+        sink = _SlotSink(command.get("block_s"))
+        began = time.monotonic()
+        error: str | None = None
+        try:
+            outcome = runtime.run(RunInput(role="user", text=command["text"]), RunOptions(keep_history=False), sink)
+            error = outcome.error
+        except RkllmError as err:
+            error = str(err)
+        perf = sink.perf
+        send(
+            {
+                "event": "done",
+                "text": "".join(sink.pieces),
+                "token_times": sink.times,
+                "started": began,
+                "ended": time.monotonic(),
+                "generate_tokens": 0 if perf is None else perf.generate_tokens,
+                "generate_time_ms": 0.0 if perf is None else perf.generate_time_ms,
+                "finished": perf is not None,
+                "error": error or sink.error,
+                "block": None if sink.block is None else list(sink.block),
+            }
+        )
+    runtime.destroy()
+    _flush_c_stdio()
+    return 0
+
+
+class SlotWorker:
+    """The parent's side of one slot worker process and its JSON-lines channel."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+        package_root = str(Path(__file__).resolve().parent.parent)
+        python_path = os.pathsep.join(part for part in (package_root, os.environ.get("PYTHONPATH", "")) if part)
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rkllm_native.selfcheck", SLOT_WORKER_FLAG, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            encoding="utf-8",
+            env={**os.environ, "PYTHONPATH": python_path},
+        )
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="selfcheck-slot-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        stream = self.process.stdout
+        if stream is not None:
+            for line in stream:
+                with contextlib.suppress(json.JSONDecodeError):
+                    self._replies.put(json.loads(line))
+        self._replies.put(None)
+
+    def _gone(self, what: str) -> SlotWorkerError:
+        code = self.process.poll()
+        status = "is still running" if code is None else f"exited with status {code}"
+        return SlotWorkerError(f"slot worker {self.process.pid} {what} ({status}; its runtime log is in the report)")
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        """The next message; SlotWorkerError when the worker died or said nothing for `timeout` seconds."""
+        try:
+            message = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise self._gone(f"did not answer within {timeout:.0f} s") from None
+        if message is None:
+            self._replies.put(None)
+            raise self._gone("stopped")
+        return message
+
+    def send_run(self, text: str, *, start_at: float | None = None, block_s: float | None = None) -> None:
+        """Start one run (keep_history=0); its result comes from receive_run()."""
+        command = {"cmd": "run", "text": text, "start_at": start_at, "block_s": block_s}
+        stdin = self.process.stdin
+        if stdin is None:
+            raise self._gone("has no command channel")
+        try:
+            stdin.write(json.dumps(command) + "\n")
+            stdin.flush()
+        except OSError:
+            raise self._gone("cannot take commands") from None
+
+    def receive_run(self) -> SlotRun:
+        """The result of the run started by send_run()."""
+        reply = self.receive(SLOT_RUN_TIMEOUT_S)
+        block = reply.get("block")
+        return SlotRun(
+            text=str(reply.get("text", "")),
+            token_times=tuple(float(at) for at in reply.get("token_times", [])),
+            started=float(reply.get("started", 0.0)),
+            ended=float(reply.get("ended", 0.0)),
+            generate_tokens=int(reply.get("generate_tokens", 0)),
+            generate_time_ms=float(reply.get("generate_time_ms", 0.0)),
+            finished=bool(reply.get("finished")),
+            error=reply.get("error"),
+            block=None if not block else (float(block[0]), float(block[1])),
+        )
+
+    def run(self, text: str) -> SlotRun:
+        """One run alone."""
+        self.send_run(text)
+        return self.receive_run()
+
+    def close(self) -> None:
+        """Ask the worker to destroy its instance and exit; kill it when it does not."""
+        stdin = self.process.stdin
+        with contextlib.suppress(OSError, ValueError):
+            if stdin is not None:
+                stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._reader.join(timeout=5)
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -896,6 +1467,7 @@ class Options:
     speed: float | None = None
     json_path: Path | None = None
     cpu_mask: int | None = None
+    slots: bool = True
 
 
 class _CollectingSink:
@@ -1000,7 +1572,10 @@ class SelfCheck:
     def save(self) -> None:
         """Write the JSON report as it stands (after every step, so a native crash leaves the last state)."""
         self.capture.collect()
-        ordered = sorted(self.checks, key=lambda check: (check.assumption or 0, check.id != "driver_version"))
+        ordered = sorted(
+            self.checks,
+            key=lambda check: (check.id.startswith("slots_"), check.assumption or 0, check.id != "driver_version"),
+        )
         self.report["checks"] = [dataclasses.asdict(check) for check in ordered]
         self.report["runtime_log"] = self.capture.lines[-LOG_LINES_KEPT:]
         if self.options.json_path is None:
@@ -1187,10 +1762,12 @@ class SelfCheck:
         self.report["performance"]["cold_system_prompt_prefill"] = cold.summary()
         state: dict[str, Any] = {"system_tokens": 0}
 
-        self._step(
-            "a2_keep_history", 2, "keep_history=1 appends the new turn",
-            lambda: evaluate_keep_history(cold, self.run("user", TURN_THANKS, keep_history=True)),
-        )  # fmt: skip
+        def keep_history() -> CheckResult:
+            continued = self.run("user", TURN_THANKS, keep_history=True)
+            self.add(evaluate_kv_accounting(cold, continued))  # the engine's cached_tokens, from the same runs
+            return evaluate_keep_history(cold, continued)
+
+        self._step("a2_keep_history", 2, "keep_history=1 appends the new turn", keep_history)
 
         def clear_then_same_turn() -> CheckResult:
             runtime.clear_kv_cache(True)
@@ -1269,6 +1846,112 @@ class SelfCheck:
 
         self._step("a8_abort_partial_turn", 8, "an aborted keep_history=1 run", abort_partial)
 
+    # -- slots ----------------------------------------------------------------------------------------------------
+
+    def slot_checks(self) -> None:
+        """Two runtime instances in two worker processes, as the engine's slots: init, concurrency, blocking.
+
+        This process's own instance is released first, so exactly two instances exist, as with two slots.
+        """
+        self.progress(f"slots: {SLOT_COUNT} runtime instances in {SLOT_COUNT} worker processes")
+        memory = self.report["performance"].get("memory_usage_mb") or 0.0
+        size = self.report["model"].get("size_bytes") or 0
+        needed = max(float(memory), size / (1024 * 1024))
+        self.close()
+        available = mem_available_mb()
+        skipped = evaluate_slots_memory(needed, available)
+        block_s = SLOT_BLOCK_S / self.speed if self.report["library"].get("emulator") else SLOT_BLOCK_S
+        self.report["slots"] = {
+            "count": SLOT_COUNT,
+            "needed_per_instance_mb": round(needed, 1),
+            "mem_available_mb": _round(available, 0),
+            "base_domain_ids": list(range(SLOT_COUNT)),
+            "block_s": round(block_s, 3),
+            "skipped": skipped,
+        }
+        if skipped is not None:
+            for check_id, title in SLOT_TITLES.items():
+                self.add(_unknown_slots(check_id, title, skipped))
+            return
+        logs = [
+            Path(tempfile.mkstemp(prefix=f"rkllm-selfcheck-slot{index}-", suffix=".log")[1])
+            for index in range(SLOT_COUNT)
+        ]
+        workers: list[SlotWorker] = []
+        try:
+            workers = [SlotWorker(self._slot_config(index), logs[index]) for index in range(SLOT_COUNT)]
+            self._slot_steps(workers, available, block_s)
+        except SlotWorkerError as err:
+            done = {check.id for check in self.checks}
+            missing = [check_id for check_id in SLOT_TITLES if check_id not in done]
+            for position, check_id in enumerate(missing):
+                status: Status = "FAIL" if position == 0 else "UNKNOWN"
+                detail = str(err) if position == 0 else f"not run: the slot checks stopped ({err})"
+                self.add(CheckResult(check_id, None, SLOT_TITLES[check_id], status, detail))
+        finally:
+            for worker in workers:
+                worker.close()
+            for index, log in enumerate(logs):
+                with contextlib.suppress(OSError):
+                    text = log.read_text(encoding="utf-8", errors="replace")
+                    self.capture.lines.extend(f"[slot {index}] {line}" for line in text.splitlines())
+                with contextlib.suppress(OSError):
+                    log.unlink()
+            self.save()
+
+    def _slot_config(self, index: int) -> dict[str, Any]:
+        mask = self.options.cpu_mask if self.options.cpu_mask is not None else _cpu_mask_for_board()
+        return {
+            "library": str(self.options.library),
+            "profile": self.report["library"]["profile"],
+            "model": str(self.options.model),
+            "context_length": self.options.context_length,
+            "cpu_mask": mask,
+            # One NPU IOMMU domain per instance, as for several models at once (docs/runtime.md §4.3, I#437).
+            "base_domain_id": index,
+        }
+
+    def _slot_steps(self, workers: list[SlotWorker], available: float | None, block_s: float) -> None:
+        replies = [worker.receive(SLOT_INIT_TIMEOUT_S) for worker in workers]  # both loaded at the same time
+        instances = [
+            SlotInstance(
+                base_domain_id=index,
+                load_ms=reply.get("load_ms"),
+                rss_mb=reply.get("rss_mb"),
+                hwm_mb=reply.get("hwm_mb"),
+                error=reply.get("message") if reply.get("event") != "ready" else None,
+            )
+            for index, reply in enumerate(replies)
+        ]
+        self.add(evaluate_slots_init(instances, available, mem_available_mb()))
+        if any(instance.error is not None for instance in instances):
+            for check_id, title in list(SLOT_TITLES.items())[1:]:
+                self.add(_unknown_slots(check_id, title, "not run: the two instances could not both be loaded"))
+            return
+        self.progress("slots: each instance alone, then both at once")
+        alone = [workers[index].run(SLOT_PROMPTS[index]) for index in range(SLOT_COUNT)]
+        together = self._slot_runs_together(workers, block_s=None)
+        again = [
+            workers[index].run(SLOT_PROMPTS[index]) if together[index].text != alone[index].text else None
+            for index in range(SLOT_COUNT)
+        ]
+        self.add(evaluate_concurrent_output(alone, together, again))
+        self.add(evaluate_shared_throughput(alone, together))
+        self.progress(f"slots: both at once, slot 0 blocking {block_s:.2f} s in its callback")
+        blocked = self._slot_runs_together(workers, block_s=block_s)
+        again_first = workers[0].run(SLOT_PROMPTS[0]) if blocked[0].text != alone[0].text else None
+        self.add(evaluate_block_resume(alone[0], blocked[0], again_first))
+        self.add(evaluate_block_cost(alone[1], blocked[1], blocked[0]))
+
+    @staticmethod
+    def _slot_runs_together(workers: list[SlotWorker], block_s: float | None) -> list[SlotRun]:
+        """One run per worker, all starting at one moment; with block_s, slot 0's callback blocks that long."""
+        start_at = time.monotonic() + SLOT_START_DELAY_S
+        for index, worker in enumerate(workers):
+            block = block_s if index == 0 else None
+            worker.send_run(SLOT_PROMPTS[index], start_at=start_at, block_s=block)
+        return [worker.receive_run() for worker in workers]
+
     def _set_tools(self, tools_json: str, system_prompt: str = SYSTEM_PROMPT) -> None:
         """The engine's static prefix (set_function_tools), with an empty KV so the next run is cold."""
         runtime = self.require_runtime()
@@ -1335,6 +2018,8 @@ def run_selfcheck(options: Options) -> dict[str, Any]:
             check.kv_checks()
         except RkllmError as err:
             check.report["errors"].append(f"the KV checks stopped: {err}")
+        if options.slots:
+            check.slot_checks()
         failed = any(result.status == "FAIL" for result in check.checks)
         check.report["exit_status"] = 1 if failed or check.report["errors"] else 0
         check.save()
@@ -1421,6 +2106,19 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"  {'measure':<28} {'measured':>16}   {published}")
         lines.extend(f"  {name:<28} {measured:>16}   {ref}" for name, measured, ref in rows)
+    slots = report.get("slots")
+    if slots:
+        lines.append("")
+        if slots.get("skipped"):
+            lines.append(f"  slots     {slots['skipped']}")
+        else:
+            lines.append(
+                f"  slots     {slots.get('count')} instances in {slots.get('count')} processes (base_domain_id "
+                f"{', '.join(str(domain) for domain in slots.get('base_domain_ids', []))}), "
+                f"~{_fmt(slots.get('needed_per_instance_mb'), ' MB', 0)} each, MemAvailable "
+                f"{_fmt(slots.get('mem_available_mb'), ' MB', 0)}; slot 0 blocks {_fmt(slots.get('block_s'), ' s', 2)} "
+                "in its callback"
+            )
     checks = report.get("checks", [])
     if checks:
         titles = [f"{check['assumption'] or '':>2} {check['title']}" for check in checks]
@@ -1484,6 +2182,12 @@ def parse_args(argv: list[str] | None) -> Options:
         "--speed", type=_speed, help="emulator only: RKLLM_EMULATOR_SPEED; the published figures are scaled by it"
     )
     parser.add_argument("--cpu-mask", type=_cpu_mask, help="CPU cores for the runtime (default 0xf0, 0x0f on RK3562)")
+    parser.add_argument(
+        "--no-slots",
+        dest="slots",
+        action="store_false",
+        help=f"skip the slot checks ({SLOT_COUNT} instances in {SLOT_COUNT} processes: more memory and ~1 minute)",
+    )
     args = parser.parse_args(argv)
     json_path: Path | None = args.json_path
     if json_path is not None and not json_path.parent.is_dir():
@@ -1496,12 +2200,16 @@ def parse_args(argv: list[str] | None) -> Options:
         speed=args.speed,
         json_path=json_path,
         cpu_mask=args.cpu_mask,
+        slots=args.slots,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the self-check, print the table, return the exit status (0 pass, 1 a check failed, 2 could not run)."""
-    options = parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == [SLOT_WORKER_FLAG]:
+        return slot_worker_main(arguments[1:])
+    options = parse_args(arguments)
     try:
         report = run_selfcheck(options)
     except OSError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from rkllm_native import selfcheck
 from rkllm_native.build import emulator_library
-from rkllm_native.selfcheck import RunMeasurement
+from rkllm_native.selfcheck import RunMeasurement, SlotInstance, SlotRun
 from tests.conftest import REPO_ROOT
 
 SPEED = 10.0
@@ -31,6 +32,13 @@ KV_ASSUMPTIONS = {
     "a8_abort_partial_turn",
     "a9_cut_then_append",
 }
+SLOT_CHECKS = {
+    "slots_init",
+    "slots_concurrent_output",
+    "slots_shared_throughput",
+    "slots_block_resume",
+    "slots_block_cost",
+}
 
 
 def run_selfcheck(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -41,7 +49,12 @@ def run_selfcheck(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=90,
         check=False,
         cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
+        # The session's own emulated NPU (tests/conftest.py): other test runs on this machine do not slow this one.
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO_ROOT),
+            "RKLLM_EMULATOR_NPU": os.environ["RKLLM_EMULATOR_NPU"],
+        },
     )
 
 
@@ -78,7 +91,7 @@ def test_report_schema_and_identity(emulator_report: tuple[str, dict[str, Any], 
     assert report["schema"] == 1
     assert set(report) == {
         "schema", "tool", "created_at", "mode", "exit_status", "errors", "host", "library", "driver", "model",
-        "settings", "performance", "checks", "runtime_log",
+        "settings", "performance", "slots", "checks", "runtime_log",
     }  # fmt: skip
     assert set(report["settings"]) == {"context_length", "max_new_tokens", "cpu_cores", "cpu_mask", "rkllm_log_level"}
     assert report["tool"] == "rkllm_native.selfcheck"
@@ -130,7 +143,11 @@ def test_measured_speed_matches_the_emulator_calibration(emulator_report: tuple[
 def test_kv_reuse_assumptions_pass_on_the_emulator(emulator_report: tuple[str, dict[str, Any], str]) -> None:
     profile, report, stdout = emulator_report
     checks = checks_by_id(report)
-    assert set(checks) == {*KV_ASSUMPTIONS, "a10_tool_turn", "driver_version", "performance"}
+    assert set(checks) == {
+        *KV_ASSUMPTIONS, *SLOT_CHECKS, "a10_tool_turn", "kv_accounting", "driver_version", "performance"
+    }  # fmt: skip
+    assert checks["kv_accounting"]["status"] == "PASS"
+    assert checks["kv_accounting"]["measurements"]["continued_offset"] == 0
     assert {check_id: checks[check_id]["status"] for check_id in KV_ASSUMPTIONS} == dict.fromkeys(
         KV_ASSUMPTIONS, "PASS"
     )
@@ -152,9 +169,11 @@ def test_an_unknown_model_class_is_said_so(tmp_path: Path) -> None:
     model = write_model(tmp_path, "parameters_b = 0.5", name="my-finetune.model")
     result = run_selfcheck(
         "--library", str(emulator_library("v12x")), "--model", str(model), "--speed", "20",
-        "--json", str(tmp_path / "r.json"), cwd=tmp_path,
+        "--json", str(tmp_path / "r.json"), "--no-slots", cwd=tmp_path,
     )  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert "slots" not in report  # --no-slots
+    assert not [check for check in report["checks"] if check["id"].startswith("slots_")]
     assert report["model"]["class"] is None
     assert report["performance"]["reference"] is None
     assert checks_by_id(report)["performance"]["status"] == "UNKNOWN"
@@ -297,6 +316,19 @@ def test_other_assumption_verdicts_on_fabricated_runs() -> None:
     assert selfcheck.evaluate_forced_call(False, None).status == "UNKNOWN"
 
 
+def test_kv_accounting_verdicts() -> None:
+    cold = measurement(kv_before=0, prefill_tokens=1100, generate_tokens=10, kv_after=1110)
+    continued = measurement(kv_before=1110, prefill_tokens=31, generate_tokens=10, kv_after=1151)
+    assert selfcheck.evaluate_kv_accounting(cold, continued).status == "PASS"
+    # A runtime that keeps the end-of-turn token in the KV without counting it: one token off per turn.
+    cold_eos = measurement(kv_before=0, prefill_tokens=1100, generate_tokens=10, kv_after=1111)
+    continued_eos = measurement(kv_before=1111, prefill_tokens=30, generate_tokens=10, kv_after=1152)
+    off = selfcheck.evaluate_kv_accounting(cold_eos, continued_eos)
+    assert off.status == "FAIL"
+    assert "off by +1 (cold) and +1 (continued)" in off.detail
+    assert selfcheck.evaluate_kv_accounting(cold, measurement(finished=False)).status == "UNKNOWN"
+
+
 def test_driver_and_speed_verdicts() -> None:
     assert selfcheck.evaluate_driver("0.9.6", "debugfs").status == "FAIL"
     assert selfcheck.evaluate_driver("v0.9.10", "debugfs").status == "PASS"
@@ -308,3 +340,105 @@ def test_driver_and_speed_verdicts() -> None:
     assert "fix_freq" in slow.detail
     full_speed = measurement(generate_tokens=64, generate_time_ms=64 / 32.0 * 1000, prefill_tokens=128)
     assert selfcheck.evaluate_performance(full_speed, reference, 1.0).status == "PASS"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The slot checks: two instances in two worker processes (the engine's multi-slot assumptions)
+
+
+def test_slot_checks_pass_on_the_emulator_with_its_figures(emulator_report: tuple[str, dict[str, Any], str]) -> None:
+    _, report, stdout = emulator_report
+    checks = checks_by_id(report)
+    assert {check_id: checks[check_id]["status"] for check_id in SLOT_CHECKS} == dict.fromkeys(SLOT_CHECKS, "PASS")
+    slots = report["slots"]
+    assert slots["skipped"] is None
+    assert slots["base_domain_ids"] == [0, 1]
+    assert slots["block_s"] == pytest.approx(selfcheck.SLOT_BLOCK_S / SPEED)
+    assert slots["needed_per_instance_mb"] == 670.0  # the calibration's memory (the file itself is tiny)
+    init = checks["slots_init"]["measurements"]
+    for slot in (0, 1):
+        assert QWEN2_LOAD_MS / SPEED <= init[f"slot{slot}_load_ms"] <= 3 * QWEN2_LOAD_MS / SPEED
+        assert init[f"slot{slot}_rss_mb"] > 0
+    # The emulator's NPU model: at once each slot gets about half, together as much as one alone; a slot blocked in
+    # its callback leaves the other at its solo rate, and its own perf leaves the blocked time out.
+    shared = checks["slots_shared_throughput"]["measurements"]
+    assert shared["slot0_share"] == pytest.approx(0.5, abs=0.15)
+    assert shared["slot1_share"] == pytest.approx(0.5, abs=0.15)
+    assert shared["combined_vs_alone"] == pytest.approx(1.0, abs=0.2)
+    assert checks["slots_block_cost"]["measurements"]["share_of_alone"] == pytest.approx(1.0, abs=0.2)
+    resumed = checks["slots_block_resume"]["measurements"]
+    assert resumed["blocked_ms"] >= 1000 * selfcheck.SLOT_BLOCK_S / SPEED
+    assert resumed["perf_counts_blocked_time"] is False
+    # Each worker's runtime lines are in the report, marked with its slot.
+    for slot in (0, 1):
+        assert any(line.startswith(f"[slot {slot}] I rkllm: rkllm-runtime version:") for line in report["runtime_log"])
+    assert "two instances at once lose no NPU throughput" in stdout
+    assert "2 instances in 2 processes (base_domain_id 0, 1)" in stdout
+
+
+def slot_run(times: list[float], text: str = "same text", **extra: Any) -> SlotRun:
+    return SlotRun(text=text, token_times=tuple(times), started=times[0] - 0.5, ended=times[-1] + 0.01, **extra)
+
+
+def ticks(start: float, rate: float, count: int) -> list[float]:
+    return [start + index / rate for index in range(count)]
+
+
+def test_slot_memory_and_init_verdicts() -> None:
+    skipped = selfcheck.evaluate_slots_memory(2400.0, 3000.0)
+    assert skipped is not None
+    assert "skipped: 2 instances need about 2 x 2400 MB" in skipped
+    assert "MemAvailable is 3000 MB" in skipped
+    assert selfcheck.evaluate_slots_memory(2400.0, 16000.0) is None
+    loaded = SlotInstance(0, load_ms=2800.0, rss_mb=2350.0, hwm_mb=2400.0)
+    no_memory = SlotInstance(1, error="rkllm_init failed (E rkllm: failed to malloc npu memory!)")
+    failed = selfcheck.evaluate_slots_init([loaded, no_memory], 12000.0, 9600.0)
+    assert failed.status == "FAIL"
+    assert "slot 1 (base_domain_id 1): rkllm_init failed (E rkllm: failed to malloc npu memory!)" in failed.detail
+    both = selfcheck.evaluate_slots_init([loaded, SlotInstance(1, 2900.0, 2350.0, 2400.0)], 12000.0, 7300.0)
+    assert both.status == "PASS"
+    assert "MemAvailable fell by 4700 MB for both" in both.detail
+
+
+def test_slot_concurrency_verdicts_on_fabricated_runs() -> None:
+    alone = [slot_run(ticks(0, 13.0, 64), "story one"), slot_run(ticks(20, 13.0, 64), "story two")]
+    half = [slot_run(ticks(40, 6.5, 64), "story one"), slot_run(ticks(40, 6.5, 64), "story two")]
+    assert selfcheck.evaluate_concurrent_output(alone, half, [None, None]).status == "PASS"
+    shared = selfcheck.evaluate_shared_throughput(alone, half)
+    assert shared.status == "PASS"
+    assert "as the emulator models it" in shared.detail
+    wasteful = [slot_run(ticks(40, 4.0, 64), "story one"), slot_run(ticks(40, 4.0, 64), "story two")]
+    assert selfcheck.evaluate_shared_throughput(alone, wasteful).status == "FAIL"
+    spare = [slot_run(ticks(40, 12.0, 64), "story one"), slot_run(ticks(40, 12.0, 64), "story two")]
+    assert "capacity to spare" in selfcheck.evaluate_shared_throughput(alone, spare).detail
+    mixed = [slot_run(ticks(40, 6.5, 64), "story one"), slot_run(ticks(40, 6.5, 64), "story twelve")]
+    crossed = selfcheck.evaluate_concurrent_output(alone, mixed, [None, slot_run(ticks(60, 13.0, 64), "story two")])
+    assert crossed.status == "FAIL"
+    assert "slot 1 differs from its solo text after 8 characters" in crossed.detail
+    unsure = selfcheck.evaluate_concurrent_output(alone, mixed, [None, slot_run(ticks(60, 13.0, 64), "story six")])
+    assert unsure.status == "UNKNOWN"
+
+
+def test_blocked_callback_verdicts_on_fabricated_runs() -> None:
+    alone = slot_run(ticks(0, 13.0, 64))
+    # Slot 0 blocks 2 s after its second piece; its perf either counts the block or leaves it out.
+    blocked_times = ticks(10, 6.5, 2) + ticks(12.2, 6.5, 62)
+    counted = slot_run(blocked_times, generate_tokens=64, generate_time_ms=11_600.0, block=(10.16, 12.16))
+    resumed = selfcheck.evaluate_block_resume(alone, counted, None)
+    assert resumed.status == "PASS"
+    assert resumed.measurements["perf_counts_blocked_time"] is True
+    left_out = slot_run(blocked_times, generate_tokens=64, generate_time_ms=9_500.0, block=(10.16, 12.16))
+    assert selfcheck.evaluate_block_resume(alone, left_out, None).measurements["perf_counts_blocked_time"] is False
+    garbled = slot_run(blocked_times, "same tex!", generate_tokens=64, generate_time_ms=9_500.0, block=(10.16, 12.16))
+    assert selfcheck.evaluate_block_resume(alone, garbled, None).status == "FAIL"
+    never_blocked = slot_run(ticks(10, 13.0, 1))
+    assert selfcheck.evaluate_block_resume(alone, never_blocked, None).status == "UNKNOWN"
+    # The other slot: at its solo rate during the block (PASS), or held back as if the blocked run still computed.
+    free = slot_run(ticks(10, 6.5, 2) + ticks(10.3, 13.0, 26) + ticks(12.3, 6.5, 36))
+    assert selfcheck.evaluate_block_cost(alone, free, counted).status == "PASS"
+    held = slot_run(ticks(10, 6.5, 64))
+    cost = selfcheck.evaluate_block_cost(alone, held, counted)
+    assert cost.status == "FAIL"
+    assert "abort" in cost.detail
+    finished_before = slot_run(ticks(9, 13.0, 10))
+    assert selfcheck.evaluate_block_cost(alone, finished_before, counted).status == "UNKNOWN"
