@@ -1249,6 +1249,12 @@ def _status_mb(key: str) -> float | None:
     return None
 
 
+def _with_line(message: object, worker: SlotWorker) -> str:
+    """An init failure with the runtime's own reason, as the main check reports its own (E rkllm: …)."""
+    runtime_line = worker.last_runtime_error()
+    return str(message) if runtime_line is None else f"{message} ({runtime_line})"
+
+
 def mem_available_mb() -> float | None:
     """MemAvailable of /proc/meminfo in MB (None when unreadable)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -1362,6 +1368,7 @@ class SlotWorker:
     def __init__(self, config: dict[str, Any], log_path: Path) -> None:
         package_root = str(Path(__file__).resolve().parent.parent)
         python_path = os.pathsep.join(part for part in (package_root, os.environ.get("PYTHONPATH", "")) if part)
+        self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "rkllm_native.selfcheck", SLOT_WORKER_FLAG, json.dumps(config)],
@@ -1384,10 +1391,23 @@ class SlotWorker:
                     self._replies.put(json.loads(line))
         self._replies.put(None)
 
+    def last_runtime_error(self) -> str | None:
+        """The runtime's last E line in this worker's log (`failed to malloc npu memory`, …)."""
+        self._log.flush()
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None
+        return logparse.last_problem_line(lines, levels="E")
+
     def _gone(self, what: str) -> SlotWorkerError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)  # a dying worker: let its exit status and last lines arrive
         code = self.process.poll()
         status = "is still running" if code is None else f"exited with status {code}"
-        return SlotWorkerError(f"slot worker {self.process.pid} {what} ({status}; its runtime log is in the report)")
+        runtime_line = self.last_runtime_error()
+        reason = "" if runtime_line is None else f"; {runtime_line}"
+        return SlotWorkerError(f"slot worker {self.process.pid} {what} ({status}{reason})")
 
     def receive(self, timeout: float) -> dict[str, Any]:
         """The next message; SlotWorkerError when the worker died or said nothing for `timeout` seconds."""
@@ -1919,9 +1939,9 @@ class SelfCheck:
                 load_ms=reply.get("load_ms"),
                 rss_mb=reply.get("rss_mb"),
                 hwm_mb=reply.get("hwm_mb"),
-                error=reply.get("message") if reply.get("event") != "ready" else None,
+                error=None if reply.get("event") == "ready" else _with_line(reply.get("message"), worker),
             )
-            for index, reply in enumerate(replies)
+            for index, (reply, worker) in enumerate(zip(replies, workers, strict=True))
         ]
         self.add(evaluate_slots_init(instances, available, mem_available_mb()))
         if any(instance.error is not None for instance in instances):

@@ -442,3 +442,55 @@ def test_blocked_callback_verdicts_on_fabricated_runs() -> None:
     assert "abort" in cost.detail
     finished_before = slot_run(ticks(9, 13.0, 10))
     assert selfcheck.evaluate_block_cost(alone, finished_before, counted).status == "UNKNOWN"
+
+
+def slot_config(model: Path) -> dict[str, Any]:
+    return {
+        "library": str(emulator_library("v130")),
+        "profile": "v130",
+        "model": str(model),
+        "context_length": 4096,
+        "cpu_mask": 0xF0,
+        "base_domain_id": 1,
+    }
+
+
+def test_a_slot_worker_that_cannot_load_says_why(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "speed = 0\nfault = init_fail")
+    worker = selfcheck.SlotWorker(slot_config(model), tmp_path / "slot.log")
+    try:
+        reply = worker.receive(60)
+        assert reply["event"] == "error"
+        assert reply["message"].startswith("rkllm_init failed for model")
+        assert worker.last_runtime_error() == f"E rkllm: emulated init failure (fault = init_fail in {model})"
+    finally:
+        worker.close()
+    assert worker.process.returncode == 2
+
+
+def test_a_slot_worker_that_crashes_mid_run_is_reported_not_waited_for(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "speed = 0\nfault = crash_after_tokens:3")
+    worker = selfcheck.SlotWorker(slot_config(model), tmp_path / "slot.log")
+    try:
+        assert worker.receive(60)["event"] == "ready"
+        with pytest.raises(selfcheck.SlotWorkerError, match=r"stopped \(exited with status -11"):
+            worker.run("hello")
+    finally:
+        worker.close()
+
+
+def test_slots_are_skipped_with_a_note_when_two_instances_cannot_fit(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "calibration = qwen2-0.5b-rk3588\nmemory_mb = 40000000")  # a 40 TB model
+    result = run_selfcheck(
+        "--library", str(emulator_library("v12x")), "--model", str(model), "--speed", "20",
+        "--json", str(tmp_path / "r.json"), cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    skipped = report["slots"]["skipped"]
+    assert skipped.startswith("skipped: 2 instances need about 2 x 40000000 MB")
+    slot_checks = {check["id"]: check for check in report["checks"] if check["id"].startswith("slots_")}
+    assert set(slot_checks) == SLOT_CHECKS
+    assert {check["status"] for check in slot_checks.values()} == {"UNKNOWN"}
+    assert {check["detail"] for check in slot_checks.values()} == {skipped}
+    assert report["exit_status"] == 0  # inconclusive is not a failure
+    assert f"slots     {skipped}" in result.stdout
