@@ -310,5 +310,6 @@ void emu_npu_work(emu_npu_run *run, uint64_t work_ns) {
         emu_sleep_until_ns(before + wall);
         owed -= (int64_t)((emu_now_ns() - before) / count);
     }
-    run->surplus_ns = -owed;
+    /* At most one quantum is carried: a process that was stopped or starved for long gets no burst of credit. */
+    run->surplus_ns = -owed < (int64_t)EMU_NPU_QUANTUM_NS ? -owed : (int64_t)EMU_NPU_QUANTUM_NS;
 }
