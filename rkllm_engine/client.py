@@ -299,6 +299,7 @@ class RunStream:
         self._aborting = False
         self._done = asyncio.Event()
         self._session: _Session | None = None
+        self._paused = False
         self._log_mark = 0
         self.finished: RunFinished | None = None
         self.error: EngineError | None = None
@@ -358,6 +359,20 @@ class RunStream:
         except BaseException:
             self._fail(EngineUnavailableError("the run was cancelled while it was being sent"))
             raise
+
+    def pause(self, paused: bool) -> None:
+        """Hold the run in the runtime's token callback (`True`) or let it go on (`False`); no reply is awaited.
+
+        The worker blocks in the callback, so the runtime computes nothing for this run meanwhile and another
+        runtime context has the NPU to itself (docs/voice.md §3). A run not sent yet, or already over, ignores it.
+        """
+        self._paused = paused
+        session = self._session
+        if session is None or self._done.is_set():
+            return  # not sent yet: `_submit_run` sends the pause right after the run
+        op = protocol.OP_PAUSE if paused else protocol.OP_RESUME
+        with contextlib.suppress(EngineError, OSError):
+            session.send(protocol.request(op, next(self._client._request_ids), run=self.run_id))
 
     async def abort(self) -> None:
         """Stop the run; if the worker does not stop it within abort_grace_s, kill and restart the worker."""
@@ -990,6 +1005,8 @@ class WorkerClient:
             future.cancel()
             session.streams.pop(stream.run_id, None)
             raise
+        if stream._paused:  # paused before it was sent: it waits at its first token
+            stream.pause(True)
 
     async def _abort_run(self, stream: RunStream) -> None:
         session = stream._session

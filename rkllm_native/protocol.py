@@ -27,6 +27,8 @@ OP_HELLO: Final = "hello"
 OP_INIT: Final = "init"
 OP_RUN: Final = "run"
 OP_ABORT: Final = "abort"
+OP_PAUSE: Final = "pause"
+OP_RESUME: Final = "resume"
 OP_CLEAR_KV_CACHE: Final = "clear_kv_cache"
 OP_GET_KV_CACHE_SIZE: Final = "get_kv_cache_size"
 OP_SET_FUNCTION_TOOLS: Final = "set_function_tools"
@@ -43,6 +45,8 @@ OPS: Final = frozenset(
         OP_INIT,
         OP_RUN,
         OP_ABORT,
+        OP_PAUSE,
+        OP_RESUME,
         OP_CLEAR_KV_CACHE,
         OP_GET_KV_CACHE_SIZE,
         OP_SET_FUNCTION_TOOLS,

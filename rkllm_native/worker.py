@@ -329,6 +329,12 @@ class ActiveRun:
     thread: threading.Thread | None = None
     abort_requested: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Cleared while the run is paused: the token callback waits on it (docs/voice.md §3); set to let it go on.
+    running: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        """A run starts running (not paused)."""
+        self.running.set()
 
 
 class EventSink:
@@ -341,9 +347,15 @@ class EventSink:
         self.tokens = 0
 
     def on_text(self, text: str, token_id: int) -> bool:
-        """Queue one piece; never pause (the engine decides what to keep)."""
+        """Queue one piece, then wait here while the run is paused (the runtime computes nothing meanwhile).
+
+        [Inf] The runtime calls the callback on its inference thread between two decode steps, so holding it
+        only delays the next step and leaves the NPU to other runtime contexts (docs/runtime.md Appendix C).
+        Never returns "pause" to the runtime: the engine decides what to keep.
+        """
         self.tokens += 1
         self._run.outbox.put(protocol.text_event(self._run.run_id, text, token_id))
+        self._run.running.wait()
         return False
 
     def on_finish(self, perf: PerfStat) -> None:
@@ -386,6 +398,19 @@ def _read_proc_status() -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         return result
     return result
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of this host in bytes (the budget a second runtime context would take from), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -499,6 +524,8 @@ class Worker:
             protocol.OP_INIT: self.op_init,
             protocol.OP_RUN: self.op_run,
             protocol.OP_ABORT: self.op_abort,
+            protocol.OP_PAUSE: self.op_pause,
+            protocol.OP_RESUME: self.op_resume,
             protocol.OP_CLEAR_KV_CACHE: self.op_clear_kv_cache,
             protocol.OP_GET_KV_CACHE_SIZE: self.op_get_kv_cache_size,
             protocol.OP_SET_FUNCTION_TOOLS: self.op_set_function_tools,
@@ -743,8 +770,28 @@ class Worker:
         self._abort(run, float(grace) if grace is not None else None)
         return {"was_running": True}
 
+    def op_pause(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
+        """Hold the run in its token callback until `resume` (or an abort) lets it go on."""
+        return self._set_running(_int_arg(message, "run"), running=False)
+
+    def op_resume(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
+        """Let a paused run go on."""
+        return self._set_running(_int_arg(message, "run"), running=True)
+
+    def _set_running(self, run_id: int, *, running: bool) -> dict[str, Any]:
+        with self._lock:
+            run = self._run
+        if run is None or run.run_id != run_id:
+            return {"was_running": False}
+        if running or run.abort_requested:
+            run.running.set()
+        else:
+            run.running.clear()
+        return {"was_running": True}
+
     def _abort(self, run: ActiveRun, grace_s: float | None) -> None:
         run.abort_requested = True
+        run.running.set()  # a paused run must reach the runtime's abort check
         if self.runtime is not None:
             try:
                 self.runtime.abort()
@@ -843,6 +890,7 @@ class Worker:
             running = None if self._run is None else self._run.run_id
         return {
             "pid": os.getpid(),
+            "mem_available": _mem_available(),
             "rss": status.get("VmRSS"),
             "hwm": status.get("VmHWM"),
             "runs_served": self.runs_served,

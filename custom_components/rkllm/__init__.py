@@ -45,6 +45,7 @@ from .const import (
     CONF_MODEL_SOURCE,
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
+    CONF_SLOTS,
     CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_ENV,
@@ -63,6 +64,7 @@ from .const import (
     ISSUE_MODEL_PLATFORM_MISMATCH,
     ISSUE_MODEL_TOOLKIT_NEWER,
     LOGGER,
+    SLOTS_AUTO,
     WORKER_REMOTE,
 )
 from .data import RkllmConfigEntry, RkllmRuntimeData
@@ -104,6 +106,7 @@ def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
         worker=worker,
         env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
         watchdog_min_s=float(data.get(CONF_WATCHDOG_S, DEFAULT_WATCHDOG_S)),
+        slots=None if str(data.get(CONF_SLOTS, SLOTS_AUTO)) == SLOTS_AUTO else int(data[CONF_SLOTS]),
     )
 
 

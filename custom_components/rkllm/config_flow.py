@@ -63,6 +63,7 @@ from .const import (
     CONF_PLATFORM,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
+    CONF_SLOTS,
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
@@ -92,6 +93,8 @@ from .const import (
     MAX_CONTEXT_LENGTH,
     MIN_CONTEXT_LENGTH,
     PLATFORMS_SUPPORTED,
+    SLOT_CHOICES,
+    SLOTS_AUTO,
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
     WORKER_LOCAL,
@@ -231,6 +234,7 @@ ENTRY_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_CPU_CORES): _number(1, 8),
         vol.Required(CONF_NPU_DOMAIN_ID): _number(0, 15),
         vol.Required(CONF_ABI_PROFILE): _select(ABI_PROFILES, "abi_profile"),
+        vol.Optional(CONF_SLOTS): _select(SLOT_CHOICES, "slots"),
         vol.Optional(CONF_WATCHDOG_S): _number(MIN_WATCHDOG_S, MAX_WATCHDOG_S),
         vol.Required(CONF_WORKER): _select((WORKER_LOCAL, WORKER_REMOTE), "worker"),
     }
@@ -404,7 +408,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
 
     async def _async_suggested_entry_values(self) -> dict[str, Any]:
         if self.source == SOURCE_RECONFIGURE:
-            return {CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
+            return {CONF_SLOTS: SLOTS_AUTO, CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
         library = await self.hass.async_add_executor_job(suggest_library_path)
         model = await self.hass.async_add_executor_job(suggest_model_path, library)
         platform = await self.hass.async_add_executor_job(detect_platform, DEVICE_TREE_COMPATIBLE)
@@ -416,6 +420,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
             CONF_CPU_CORES: DEFAULT_CPU_CORES,
             CONF_NPU_DOMAIN_ID: DEFAULT_NPU_DOMAIN_ID,
             CONF_ABI_PROFILE: ABI_PROFILE_AUTO,
+            CONF_SLOTS: SLOTS_AUTO,
             CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S,
             CONF_WORKER: WORKER_LOCAL,
         }

@@ -15,6 +15,7 @@ CONF_PLATFORM: Final = "platform"
 CONF_CONTEXT_LENGTH: Final = "context_length"
 CONF_CPU_CORES: Final = "cpu_cores"
 CONF_WATCHDOG_S: Final = "watchdog_s"
+CONF_SLOTS: Final = "slots"
 CONF_NPU_DOMAIN_ID: Final = "npu_domain_id"
 CONF_ABI_PROFILE: Final = "abi_profile"
 CONF_WORKER: Final = "worker"
@@ -31,6 +32,9 @@ WORKER_LOCAL: Final = "local"
 WORKER_REMOTE: Final = "remote"
 ABI_PROFILE_AUTO: Final = "auto"
 ABI_PROFILES: Final = (ABI_PROFILE_AUTO, "v12x", "v130")
+# Runtime contexts ("slots", docs/voice.md): auto = 2 when memory holds the model twice, else 1.
+SLOTS_AUTO: Final = "auto"
+SLOT_CHOICES: Final = (SLOTS_AUTO, "1", "2", "3", "4")
 PLATFORMS_SUPPORTED: Final = ("rk3588", "rk3576", "rk3562", "rv1126b")
 
 DEFAULT_PLATFORM: Final = "rk3588"
