@@ -2,23 +2,22 @@
 
 A frame is a 4-byte big-endian length followed by one UTF-8 JSON object. Requests carry `"op"` and an
 integer `"id"`; everything the worker sends on its own carries `"ev"`. The same frames travel over the
-local socketpair and over TCP to a remote worker; TCP adds an HMAC challenge/response first.
+local socketpair and over TCP to a remote worker; TCP adds a mutual handshake on the shared secret and a MAC on
+every later frame (`rkllm_native.channel`, docs/worker-channel.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
-import secrets
 import socket
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-PROTOCOL_VERSION: Final = 1
+# 2: mutual authentication and per-frame MACs on TCP (docs/worker-channel.md); version 1 clients cannot connect.
+PROTOCOL_VERSION: Final = 2
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 HEADER: Final = struct.Struct(">I")
 
@@ -36,6 +35,9 @@ OP_RELEASE_PROMPT_CACHE: Final = "release_prompt_cache"
 OP_LOAD_LORA: Final = "load_lora"
 OP_STATS: Final = "stats"
 OP_SHUTDOWN: Final = "shutdown"
+OP_CHECK_PATHS: Final = "check_paths"
+# Handshake frames of a remote connection (rkllm_native.channel); never sent with call().
+OP_CLIENT_HELLO: Final = "client_hello"
 OP_AUTH: Final = "auth"
 OPS: Final = frozenset(
     {
@@ -52,6 +54,7 @@ OPS: Final = frozenset(
         OP_LOAD_LORA,
         OP_STATS,
         OP_SHUTDOWN,
+        OP_CHECK_PATHS,
     }
 )
 
@@ -65,6 +68,8 @@ EV_CHALLENGE: Final = "challenge"
 EV_AUTH_OK: Final = "auth_ok"
 EV_AUTH_FAILED: Final = "auth_failed"
 EV_BUSY: Final = "busy"
+EV_READY: Final = "ready"  # first sealed frame of a session: the worker is all this client's
+EV_TLS_REQUIRED: Final = "tls_required"  # a worker with --tls-cert answers a client that did not start TLS
 
 # Error kinds in failed replies and run_error events; the client maps them onto engine errors.
 KIND_BAD_REQUEST: Final = "bad_request"
@@ -77,8 +82,12 @@ KIND_RUNTIME_ERROR: Final = "runtime_error"
 KIND_CONTEXT_OVERFLOW: Final = "context_overflow"
 KIND_INVALID_INPUT: Final = "invalid_input"
 KIND_UNSUPPORTED: Final = "unsupported"
+KIND_PATH_NOT_ALLOWED: Final = "path_not_allowed"  # not a --library/--model/--models-dir the worker serves
 
 BUSY_MESSAGE: Final = "busy: another client is connected"
+TLS_REQUIRED_MESSAGE: Final = (
+    "this worker speaks TLS only: enter the certificate fingerprint it printed at start in Home Assistant"
+)
 
 # Facts of a failed init (`error.facts`, all strings): what the binding's typed error knew, plus what the runtime
 # printed. The client turns `code` + facts into a typed engine error, so nobody has to parse the message.
@@ -112,9 +121,14 @@ class SecretFileError(Exception):
 # ---------------------------------------------------------------------------
 
 
+def encode_payload(message: dict[str, Any]) -> bytes:
+    """One message as UTF-8 JSON (the body of a frame)."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
     """Serialise one message; refuses frames the peer would reject so the error shows on the sending side."""
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload = encode_payload(message)
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return HEADER.pack(len(payload)) + payload
@@ -291,7 +305,7 @@ def _require_int(message: dict[str, Any], key: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Shared-secret authentication for TCP
+# TCP: keepalive and the shared-secret file (the handshake itself is in rkllm_native.channel)
 # ---------------------------------------------------------------------------
 
 
@@ -328,20 +342,3 @@ def read_secret_file(path: str | Path) -> str:
     if not secret:
         raise SecretFileError(f"secret file {secret_path} is empty (the secret is its first line)")
     return secret
-
-
-def new_nonce() -> str:
-    """A fresh random challenge per connection, so a recorded answer cannot be replayed."""
-    return secrets.token_hex(32)
-
-
-def compute_mac(secret: str, nonce: str) -> str:
-    """HMAC-SHA256 of the nonce under the shared secret, as hex."""
-    return hmac.new(secret.encode("utf-8"), nonce.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def verify_mac(secret: str, nonce: str, mac: object) -> bool:
-    """Constant-time check of a client's answer."""
-    if not isinstance(mac, str):
-        return False
-    return hmac.compare_digest(compute_mac(secret, nonce).encode("ascii"), mac.encode("utf-8", "replace"))
