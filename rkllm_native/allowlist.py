@@ -94,7 +94,7 @@ class AllowList:
         served = ", ".join(self.libraries) or "none"
         raise PathNotAllowedError(
             f"library {path}{self._resolved_note(path, real)} is not on this worker's allow-list (it serves: "
-            f"{served}); add `{FLAG_LIBRARY} {path}` to the worker's command line (or `library` in its --config "
+            f"{served}); add `{FLAG_LIBRARY} {real}` to the worker's command line (or `library` in its --config "
             "file) and restart it",
             path=path,
             flag=FLAG_LIBRARY,
@@ -110,8 +110,8 @@ class AllowList:
         served = [*self.models, *(f"{directory}/*" for directory in self.models_dirs)]
         raise PathNotAllowedError(
             f"{what} {path}{self._resolved_note(path, real)} is not on this worker's allow-list (it serves: "
-            f"{', '.join(served) or 'none'}); add `{FLAG_MODEL} {path}` or `{FLAG_MODELS_DIR} "
-            f"{os.path.dirname(path) or '/'}` to the worker's command line (or `model`/`models_dir` in its --config "
+            f"{', '.join(served) or 'none'}); add `{FLAG_MODEL} {real}` or `{FLAG_MODELS_DIR} "
+            f"{os.path.dirname(real)}` to the worker's command line (or `model`/`models_dir` in its --config "
             "file) and restart it",
             path=path,
             flag=FLAG_MODEL,
@@ -130,7 +130,7 @@ class AllowList:
 
     @staticmethod
     def _resolved_note(path: str, real: str) -> str:
-        return "" if os.path.normpath(path) == real else f" (resolves to {real})"
+        return "" if path == real else f" (resolves to {real})"
 
 
 def read_config(path: str | Path) -> dict[str, list[str]]:

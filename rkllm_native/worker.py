@@ -290,7 +290,7 @@ class Outbox:
                     self._conn.send_many(merge_text_events(frames))
                 except (OSError, protocol.ProtocolError) as err:
                     self._alive = False
-                    self._tap.fatal(f"cannot send to the client: {err}")
+                    self._tap.fatal(f"cannot send to {self._conn.peer}: {err}")
             if stop:
                 return
 
@@ -461,7 +461,8 @@ class Worker:
                 except protocol.ProtocolError as err:
                     self.tap.fatal(f"closing the connection from {conn.peer}: {err}")
                     break
-                except OSError:
+                except OSError as err:
+                    self.tap.fatal(f"lost the connection from {conn.peer}: {err.strerror or err}")
                     break
                 if message is None:
                     break
@@ -558,7 +559,7 @@ class Worker:
         try:
             return check(path)
         except PathNotAllowedError as err:
-            self.tap.emit(f"rkllm-worker: refused: {err.message}")
+            self.tap.fatal(f"refused: {err.message}")
             raise OpError(
                 protocol.KIND_PATH_NOT_ALLOWED, err.message, facts={"path": err.path, "flag": err.flag}
             ) from err
