@@ -29,6 +29,7 @@ from .const import (
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_PATH_NOT_ALLOWED,
     LOGGER,
 )
 from .data import RkllmConfigEntry
@@ -37,7 +38,12 @@ ISSUE_NPU_DRIVER_TOO_OLD = "npu_driver_too_old"
 ISSUE_WORKER_CRASH_LOOP = "worker_crash_loop"
 
 # Raised by setup; a successful setup proves each of them fixed (the library loaded, the model initialised).
-SETUP_ISSUES = (ISSUE_LIBRARY_MISSING, ISSUE_LIBRARY_UNSUPPORTED, ISSUE_MODEL_PLATFORM_MISMATCH)
+SETUP_ISSUES = (
+    ISSUE_LIBRARY_MISSING,
+    ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_PATH_NOT_ALLOWED,
+)
 ALL_ISSUES = (*SETUP_ISSUES, ISSUE_NPU_DRIVER_TOO_OLD, ISSUE_WORKER_CRASH_LOOP)
 
 # Worker restarts in a row without one request served: a loop, not a one-off crash.
@@ -53,6 +59,7 @@ _PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     ISSUE_LIBRARY_MISSING: ("title", "path", "error"),
     ISSUE_LIBRARY_UNSUPPORTED: ("title", "path", "version", "error"),
     ISSUE_MODEL_PLATFORM_MISMATCH: ("title", "model", "platform", "error"),
+    ISSUE_PATH_NOT_ALLOWED: ("title", "path", "flag", "worker", "error"),
     ISSUE_NPU_DRIVER_TOO_OLD: ("title", "driver_version", "required_version"),
     ISSUE_WORKER_CRASH_LOOP: ("title", "restarts", "error"),
 }
@@ -62,6 +69,7 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_LIBRARY_MISSING: ir.IssueSeverity.ERROR,
     ISSUE_LIBRARY_UNSUPPORTED: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_PLATFORM_MISMATCH: ir.IssueSeverity.ERROR,
+    ISSUE_PATH_NOT_ALLOWED: ir.IssueSeverity.ERROR,
     ISSUE_NPU_DRIVER_TOO_OLD: ir.IssueSeverity.WARNING,
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
 }
@@ -121,11 +129,12 @@ def _async_delete_issue(hass: HomeAssistant, entry_id: str, key: str) -> None:
 async def async_raise_setup_issue(
     hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
 ) -> None:
-    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`) for `entry`.
+    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`, …) for `entry`.
 
     `placeholders` fill the translated text: `library_missing` uses `path` and `error`; `library_unsupported`
-    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`. The
-    entry title is added; a missing value reads "unknown".
+    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`;
+    `path_not_allowed` uses `path`, `flag`, `worker` and `error`. The entry title is added; a missing value reads
+    "unknown".
     """
     if key not in _PLACEHOLDERS:
         raise ValueError(f"unknown rkllm repair issue {key!r}: expected one of {', '.join(_PLACEHOLDERS)}")
