@@ -53,6 +53,8 @@ LABEL_CLIENT_PROOF: Final = b"rkllm client proof"
 LABEL_WORKER_PROOF: Final = b"rkllm worker proof"
 # The first byte of a TLS record carrying a handshake message (a ClientHello); a plain frame starts with 0x00.
 TLS_HANDSHAKE_RECORD: Final = 0x16
+# Handshake frames come from peers not yet authenticated: a few hundred bytes, never megabytes.
+MAX_HANDSHAKE_FRAME_BYTES: Final = 4096
 _HEX_FINGERPRINT = re.compile(r"^[0-9A-F]{64}$")
 
 
@@ -328,12 +330,14 @@ class FrameChannel:
         closer: socket.socket | TlsStream | None = None,
         sealer: FrameSealer | None = None,
         opener: FrameOpener | None = None,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
         self._closer = closer
         self._sealer = sealer
         self._opener = opener
+        self._max_frame_bytes = max_frame_bytes  # a tighter limit (the handshake's) than the protocol's
 
     @property
     def sealed(self) -> bool:
@@ -346,6 +350,10 @@ class FrameChannel:
         if header is None:
             return None
         length = protocol.frame_length(header) if self._opener is None else sealed_frame_length(header)
+        if self._max_frame_bytes is not None and length > self._max_frame_bytes:
+            raise protocol.ProtocolError(
+                f"handshake frame of {length} bytes exceeds the {self._max_frame_bytes}-byte limit"
+            )
         body = (_recv_exactly(self.stream, length, at_boundary=False) or b"") if length else b""
         payload = body if self._opener is None else self._opener.open(header, body)
         return protocol.decode_payload(payload)

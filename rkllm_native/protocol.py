@@ -150,6 +150,8 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not valid UTF-8: {err.reason} at byte {err.start}") from err
     except json.JSONDecodeError as err:
         raise ProtocolError(f"frame is not valid JSON: {err.msg} at position {err.pos}") from err
+    except RecursionError as err:  # hostile nesting ([[[[…): refuse it like any other malformed frame
+        raise ProtocolError("frame nests JSON too deeply") from err
     if not isinstance(message, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(message).__name__}")
     return message

@@ -1080,6 +1080,10 @@ class RemoteServer:
             self._log(f"handshake with {where} failed: {err}")
             conn.close()
             return
+        except Exception as err:  # noqa: BLE001 - whatever a peer sends, the worker logs it and goes on
+            self._log(f"handshake with {where} failed: {type(err).__name__}: {err}")
+            conn.close()
+            return
         # A client that just disconnected may still be winding down (abort, flush): give it a moment, so a
         # quick reconnect (e.g. an integration reload) is not refused as busy.
         if not self._session.acquire(timeout=SESSION_HANDOVER_S):
@@ -1127,7 +1131,7 @@ class RemoteServer:
                 "started TLS, but this worker runs without --tls-cert/--tls-key (clear the TLS fingerprint in Home "
                 "Assistant, or restart the worker with a certificate)"
             )
-        plain = channel.FrameChannel(stream, peer=where)
+        plain = channel.FrameChannel(stream, peer=where, max_frame_bytes=channel.MAX_HANDSHAKE_FRAME_BYTES)
         worker_nonce = channel.new_nonce()
         plain.send(channel.challenge(worker_nonce))
         hello = plain.recv()

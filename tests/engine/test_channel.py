@@ -373,6 +373,7 @@ def _flip(frame: bytes, index: int) -> bytes:
         ("truncated", r"connection closed inside a frame \(\d+ of \d+ bytes read\)"),
         ("oversized", r"frame length \d+ exceeds the \d+-byte limit"),
         ("shorter_than_its_tag", r"fewer than its 32-byte MAC tag"),
+        ("nested_too_deeply", r"frame nests JSON too deeply"),
     ],
 )
 def test_a_bad_frame_closes_the_connection_with_its_reason_and_the_next_client_is_served(
@@ -394,6 +395,11 @@ def test_a_bad_frame_closes_the_connection_with_its_reason_and_the_next_client_i
             client.send_bytes(protocol.HEADER.pack(channel.MAX_SEALED_FRAME_BYTES + 1) + b"x" * 64)
         elif case == "shorter_than_its_tag":
             client.send_bytes(protocol.HEADER.pack(8) + b"12345678")
+        elif case == "nested_too_deeply":  # authentic, but hostile JSON
+            client.send_bytes(hello)
+            assert client.recv() is not None
+            assert client.sealer is not None
+            client.send_bytes(client.sealer.seal(b"[" * 100_000))
         if case == "truncated":
             client.close()  # the rest of the frame never comes
         else:
@@ -476,6 +482,15 @@ async def test_the_client_drops_a_tampered_worker_frame_with_a_logged_reason_and
     finally:
         await client.stop()
         await proxy.stop()
+
+
+def test_an_unauthenticated_peer_cannot_make_the_worker_read_a_big_frame(worker: Worker) -> None:
+    with raw_client(worker, handshake=False) as peer:
+        peer.send_bytes(protocol.HEADER.pack(5000) + b"{" * 64)
+        assert peer.closed_by_worker()
+        port = peer.local_port
+    worker.wait_for_line(rf"127\.0\.0\.1:{port} failed: handshake frame of 5000 bytes exceeds the 4096-byte limit")
+    assert_serves_a_fresh_client(worker)
 
 
 # ---------------------------------------------------------------------------

@@ -125,6 +125,11 @@ def test_text_pieces_reads_single_and_batched_events() -> None:
         protocol.text_pieces({"ev": "text", "run": 1, "text": "a", "token": "5"})
 
 
+def test_hostile_json_nesting_is_a_protocol_error_not_a_crash() -> None:
+    with pytest.raises(protocol.ProtocolError, match="nests JSON too deeply"):
+        protocol.decode_payload(b"[" * 100_000)
+
+
 def test_secret_file_first_line_stripped(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("  correct horse  \nsecond line is ignored\n")
