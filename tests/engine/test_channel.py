@@ -499,7 +499,10 @@ def test_an_unauthenticated_peer_cannot_make_the_worker_read_a_big_frame(worker:
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, min_size=1, max_size=4)
+        | st.dictionaries(st.text(max_size=8), children, min_size=1, max_size=4)
+    ),
     max_leaves=12,
 )
 MESSAGES = st.dictionaries(
