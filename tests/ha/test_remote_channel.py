@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from homeassistant.config_entries import SOURCE_REAUTH, SOURCE_USER, ConfigEntryState
+from homeassistant.config_entries import SOURCE_REAUTH, ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
@@ -28,6 +28,7 @@ from custom_components.rkllm.const import (
 )
 from rkllm_native import channel, protocol
 from tests.ha.conftest import FAST_ENV, RemoteWorker, entry_data
+from tests.ha.test_config_flow import start_files_step
 from tests.ha_shared import flow_input
 
 
@@ -50,7 +51,7 @@ def remote_fields(worker: RemoteWorker, **overrides: Any) -> dict[str, Any]:
 
 
 async def _remote_step(hass: HomeAssistant, library: str, model: Path | str, fields: dict[str, Any]) -> dict[str, Any]:
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], flow_input(library, model, **{CONF_WORKER: "remote"})
     )
