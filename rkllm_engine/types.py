@@ -303,6 +303,9 @@ UnavailableReason = Literal[
     "worker_busy",  # the remote worker serves another client
     "worker_start_failed",  # the local worker could not be spawned, or died while loading
     "npu_out_of_memory",  # the runtime could not get NPU memory; another process may free it
+    "worker_unverified",  # the remote worker could not prove it knows the shared secret (treated like a wrong one)
+    "fingerprint_mismatch",  # the remote worker's TLS certificate is not the pinned one
+    "tls_mismatch",  # one side speaks TLS and the other does not (fingerprint set, or missing, in HA)
 ]
 IncompatibleReason = Literal[
     "library_missing",  # librkllmrt is not at the configured path
@@ -312,6 +315,7 @@ IncompatibleReason = Literal[
     "model_platform_mismatch",  # the model was converted for another SoC
     "init_failed",  # rkllm_init refused the settings (context length, CPU cores …)
     "protocol_mismatch",  # the worker speaks another protocol version (install the same rkllm on both sides)
+    "path_not_allowed",  # the worker was not started with this library/model (--library, --model, --models-dir)
 ]
 
 
