@@ -100,6 +100,7 @@ class RuntimeInfo:
     max_context_limit: int | None
     pid: int | None
     toolkit_version: str | None = None  # the model's converter (`I rkllm: rkllm-toolkit version: …`)
+    worker_slots: int = 1  # runtime contexts the worker serves at once (a remote worker's `--slots`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,6 +773,7 @@ class WorkerClient:
             max_context_limit=_opt_int(reply.get("max_context_limit")),
             pid=_opt_int(reply.get("pid")),
             toolkit_version=_opt_str(reply.get("toolkit_version")),
+            worker_slots=_opt_int(reply.get("worker_slots")) or 1,
         )
         return self.info
 
@@ -790,7 +792,7 @@ class WorkerClient:
     async def _handshake(self, session: _Session, spec: InitSpec) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
+                hello = await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
         except TimeoutError as err:
             raise EngineUnavailableError(
                 f"the rkllm worker ({self.location.describe()}) did not answer within {self.connect_timeout_s:g}s",
@@ -798,7 +800,7 @@ class WorkerClient:
                 details={"worker": self.location.describe()},
             ) from err
         # No timeout: loading a model takes from seconds to minutes; a dying worker still ends the wait.
-        return await self._request(
+        reply = await self._request(
             session,
             protocol.OP_INIT,
             {
@@ -808,6 +810,7 @@ class WorkerClient:
                 "params": spec.params,
             },
         )
+        return {**reply, "worker_slots": hello.get("slots")}
 
     async def _spawn_local(self, spec: InitSpec) -> _Session:
         """Spawn the child worker; it may open only this spec's library and model (the allow-list runs here too)."""

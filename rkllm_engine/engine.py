@@ -438,6 +438,7 @@ class Engine:
         self._family: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._grow_task: asyncio.Task[None] | None = None
+        self._worker_slots = MAX_SLOTS  # how many contexts the worker side can hold (a remote worker's --slots)
         self._started = False
         self._stopping = False
 
@@ -515,7 +516,8 @@ class Engine:
         self._scheduler.set_slot_availability(0, "ready")
         self._scheduler.set_base_state(EngineState.IDLE)
         self._scheduler.open()
-        wanted = self._wanted_slots()
+        self._worker_slots = info.worker_slots if config.worker.remote else MAX_SLOTS
+        wanted = self._wanted_slots(info)
         if wanted > 1:
             self._grow(wanted)
 
@@ -567,16 +569,22 @@ class Engine:
 
     # -- slots -------------------------------------------------------------------------------
 
-    def _wanted_slots(self) -> int:
-        """Slots to run now: the configured count; `auto` starts with one and decides after the first run."""
+    def _wanted_slots(self, info: RuntimeInfo) -> int:
+        """Slots to run now: the configured count, capped by a remote worker's `--slots`.
+
+        `auto` starts with one and decides after the first run (`_maybe_grow_auto`).
+        """
         if self.config.slots is None:
             return 1
-        if self.config.slots > 1 and self.config.worker.remote:
+        if self.config.worker.remote and self.config.slots > info.worker_slots:
             _LOGGER.warning(
-                "slots = %d: a remote worker serves one runtime context; using 1 slot (docs/voice.md §2)",
+                "slots = %d, but the remote worker serves %d runtime context(s) (start it with --slots %d); using %d",
                 self.config.slots,
+                info.worker_slots,
+                self.config.slots,
+                info.worker_slots,
             )
-            return 1
+            return info.worker_slots
         return self.config.slots
 
     async def _start_slot(self, index: int) -> tuple[_Slot, RuntimeInfo]:
@@ -639,7 +647,7 @@ class Engine:
         """
         if self.config.slots is not None or len(self._slots) != 1 or self._grow_task is not None:
             return
-        if self.config.worker.remote or perf.memory_usage_mb <= 0:
+        if self._worker_slots < AUTO_MAX_SLOTS or perf.memory_usage_mb <= 0:
             return
         self._grow_task = asyncio.get_running_loop().create_task(self._grow_if_memory(perf.memory_usage_mb))
 

@@ -360,12 +360,14 @@ class Scheduler:
         for slot in self._slots:
             if slot.reserved_turn == turn_id:
                 slot.reserved_turn = None
+        self._arm_reservation_timer()
         self._grant_next()
         self._publish()
 
     def _arm_reservation_timer(self) -> None:
         if self._reservation_timer is not None:
             self._reservation_timer.cancel()
+            self._reservation_timer = None
         deadlines = [slot.reserved_until for slot in self._slots if slot.reserved_turn is not None]
         if deadlines:
             delay = max(0.0, min(deadlines) - time.monotonic())

@@ -55,6 +55,7 @@ MIN_SECRET_CHARS: Final = 16
 EXIT_ABORT_TIMEOUT: Final = 75
 EXIT_USAGE: Final = 2
 EXIT_STARTUP: Final = 3
+MAX_WORKER_SLOTS: Final = 4
 
 
 class TerminateRequested(Exception):
@@ -135,7 +136,7 @@ class LogTap:
         self._synced = 0
         self._sync_counter = 0
         self._cond = threading.Condition()
-        self._listener: Callable[[str], None] | None = None
+        self._listeners: list[Callable[[str], None]] = []
         self._thread = threading.Thread(target=self._pump, name="rkllm-log-tap", daemon=True)
         self._thread.start()
 
@@ -145,10 +146,21 @@ class LogTap:
         with self._cond:
             return self._count
 
-    def set_listener(self, listener: Callable[[str], None] | None) -> None:
-        """Route new lines to the connected client (None while nobody is connected)."""
+    def add_listener(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Route new lines to a connected client too; returns the function that stops it.
+
+        The runtime prints to the process's stdout, so with several runtime contexts in one remote worker every
+        connected client sees every line (docs/voice.md §2).
+        """
         with self._cond:
-            self._listener = listener
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._cond:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
 
     def lines_since(self, mark: int) -> list[str]:
         """Lines seen after `mark` that are still in the ring."""
@@ -202,8 +214,8 @@ class LogTap:
         with self._cond:
             self._lines.append((self._count, line))
             self._count += 1
-            listener = self._listener
-        if listener is not None:
+            listeners = list(self._listeners)
+        for listener in listeners:
             listener(line)
 
     def _pump(self) -> None:
@@ -455,9 +467,13 @@ def _bool_arg(message: dict[str, Any], key: str, default: bool) -> bool:
 class Worker:
     """Owns the runtime and serves one connection at a time; survives reconnects (remote mode)."""
 
-    def __init__(self, tap: LogTap, *, remote: bool, abort_grace_s: float, allow: AllowList) -> None:
+    def __init__(
+        self, tap: LogTap, *, remote: bool, abort_grace_s: float, allow: AllowList, slot: int = 0, slots: int = 1
+    ) -> None:
         self.tap = tap
         self.remote = remote
+        self.slot = slot  # which runtime context of this process (a remote worker may hold several)
+        self.slots = slots
         self.abort_grace_s = abort_grace_s
         self.allow = allow
         self.runtime: Runtime | None = None
@@ -477,7 +493,7 @@ class Worker:
         stderr (the journal of a remote worker); a remote worker then serves its next client.
         """
         outbox = Outbox(conn, self.tap)
-        self.tap.set_listener(lambda line: outbox.put(protocol.log_event(line)))
+        stop_forwarding = self.tap.add_listener(lambda line: outbox.put(protocol.log_event(line)))
         exit_requested = False
         try:
             while True:
@@ -496,7 +512,7 @@ class Worker:
                     exit_requested = not self.remote
                     break
         finally:
-            self.tap.set_listener(None)
+            stop_forwarding()
             self.stop_run(self.abort_grace_s)
             outbox.close()
         return exit_requested
@@ -619,6 +635,8 @@ class Worker:
             "mode": "remote" if self.remote else "local",
             "initialized": self.runtime is not None,
             "python": sys.version.split()[0],
+            "slot": self.slot,
+            "slots": self.slots,
         }
 
     def op_check_paths(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
@@ -1079,15 +1097,18 @@ class RemoteServer:
     """
 
     def __init__(
-        self, worker: Worker, host: str, port: int, secret: str, tls: ssl.SSLContext | None = None
+        self, workers: list[Worker], host: str, port: int, secret: str, tls: ssl.SSLContext | None = None
     ) -> None:
-        self.worker = worker
+        self.workers = workers
+        self.worker = workers[0]
         self.secret = secret
         self.tls = tls
         self.listener = socket.create_server((host, port), backlog=8)
         self.address = self.listener.getsockname()
-        self._handoff: queue.Queue[channel.FrameChannel] = queue.Queue()
-        self._session = threading.Lock()
+        # One session per runtime context (`--slots`); a free context keeps its model loaded for the next client.
+        self._free: queue.Queue[Worker] = queue.Queue()
+        for worker in workers:
+            self._free.put(worker)
         self._pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._thread = threading.Thread(target=self._accept_loop, name="rkllm-accept", daemon=True)
 
@@ -1134,7 +1155,9 @@ class RemoteServer:
             return
         # A client that just disconnected may still be winding down (abort, flush): give it a moment, so a
         # quick reconnect (e.g. an integration reload) is not refused as busy.
-        if not self._session.acquire(timeout=SESSION_HANDOVER_S):
+        try:
+            worker = self._free.get(timeout=SESSION_HANDOVER_S)
+        except queue.Empty:
             with contextlib.suppress(OSError, protocol.ProtocolError):
                 session.send({"ev": protocol.EV_BUSY, "message": protocol.BUSY_MESSAGE})
             session.close()
@@ -1145,9 +1168,15 @@ class RemoteServer:
         except (OSError, protocol.ProtocolError) as err:
             self._log(f"lost {where} right after the handshake: {err}")
             session.close()
-            self._session.release()
+            self._free.put(worker)
             return
-        self._handoff.put(session)
+        if len(self.workers) > 1:
+            self._log(f"{where} uses runtime context {worker.slot} of {len(self.workers)}")
+        try:
+            worker.serve(session)
+        finally:
+            session.close()
+            self._free.put(worker)
 
     def _handshake(self, conn: socket.socket, where: str) -> channel.FrameChannel:
         """TLS (when configured), then the mutual proof of the secret; the sealed channel of an authenticated client.
@@ -1214,14 +1243,18 @@ class RemoteServer:
         return channel.FrameChannel(conn, peer=where, closer=conn, sealer=sealer, opener=opener)
 
     def serve_forever(self) -> None:
-        """Serve sessions one after another; the runtime stays loaded between them."""
-        while True:
-            session = self._handoff.get()
-            try:
-                self.worker.serve(session)
-            finally:
-                session.close()
-                self._session.release()
+        """Serve until SIGTERM: each session runs on its handshake's thread; the runtimes stay loaded between them.
+
+        The main thread only waits here, so the SIGTERM handler (which raises in the main thread) always runs.
+        """
+        stop = threading.Event()
+        while not stop.wait(3600):
+            pass
+
+    def shutdown(self) -> None:
+        """Abort, release and leave every runtime context."""
+        for worker in self.workers:
+            worker.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -1249,6 +1282,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--secret-file", help="file whose first line is the shared secret (required with --listen)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve TLS; clients pin its SHA-256 fingerprint (--listen)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="runtime contexts to serve at once (--listen): one per Home Assistant slot, each loads the model "
+        "(docs/voice.md)",
+    )
     files = parser.add_argument_group(
         "files served (the allow-list; any other library or model a client names is refused)"
     )
@@ -1279,6 +1319,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if args.abort_grace <= 0:
         parser.error("--abort-grace must be a positive number of seconds")
+    if not 1 <= args.slots <= MAX_WORKER_SLOTS:
+        parser.error(f"--slots must be between 1 and {MAX_WORKER_SLOTS}")
     return args
 
 
@@ -1352,7 +1394,12 @@ def main(argv: list[str] | None = None) -> int:
     fatal_file: BinaryIO = os.fdopen(os.dup(tap.fatal_fd), "wb", buffering=0)
     faulthandler.enable(file=fatal_file, all_threads=True)
     _install_sigterm()
-    worker = Worker(tap, remote=sock is None, abort_grace_s=args.abort_grace, allow=allow)
+    slots = args.slots if sock is None else 1
+    workers = [
+        Worker(tap, remote=sock is None, abort_grace_s=args.abort_grace, allow=allow, slot=index, slots=slots)
+        for index in range(slots)
+    ]
+    worker = workers[0]
     try:
         if sock is not None:
             # An inherited socketpair end: no third party can reach it, so its frames carry no MAC.
@@ -1361,7 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             host, port = args.listen
             try:
-                server = RemoteServer(worker, host, port, secret or "", tls)
+                server = RemoteServer(workers, host, port, secret or "", tls)
             except OSError as err:
                 tap.fatal(f"cannot listen on {host}:{port}: {err.strerror or err}")
                 return EXIT_STARTUP
@@ -1374,7 +1421,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         tap.fatal("interrupted: aborting, releasing the runtime, exiting")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    worker.shutdown()
+    for each in workers:
+        each.shutdown()
     return 0
 
 
