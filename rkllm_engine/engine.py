@@ -379,6 +379,10 @@ class Generation:
             self._done = True
         return event
 
+    def commit(self) -> None:
+        """The caller started answering its client (e.g. sent HTTP headers): a voice request must not shed it."""
+        self._ticket.commit()
+
     async def cancel(self) -> None:
         """Stop this request: dequeue it, or abort its run and wait until the run has ended.
 

@@ -285,9 +285,7 @@ async def test_usage_counts_what_the_runtime_really_reused_in_every_plan_mode(
     assert back.perf.prefill_tokens >= reset.perf.prefill_tokens - 20
     raw = await finished(CompletionRequest(prompt="Once upon a time", max_new_tokens=3))
     assert raw.usage.cached_tokens == 0
-    forced = await finished(
-        assist_request("turn on the kitchen light", tool_choice="required", max_new_tokens=40)
-    )
+    forced = await finished(assist_request("turn on the kitchen light", tool_choice="required", max_new_tokens=40))
     assert forced.usage.cached_tokens == 0
     modes = [line.split("plan ", 1)[1].split(",", 1)[0] for line in run_lines(caplog)]
     assert modes == ["reset", "continue", "rebuild", "reset", "reset", "raw", "forced"]
