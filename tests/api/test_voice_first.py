@@ -1,5 +1,7 @@
-"""Voice first through Home Assistant: an Assist turn pauses an API stream on another slot, and a full API queue
-refuses its newest API request, never the voice command (docs/voice.md).
+"""Voice first through Home Assistant (docs/voice.md).
+
+An Assist turn pauses an API stream on another slot, and a full API queue refuses its newest API request, never the
+voice command.
 """
 
 from __future__ import annotations
