@@ -15,6 +15,8 @@ What it reports:
 - one PASS/FAIL/UNKNOWN line per hardware assumption of docs/HISTORY.md that a run can decide: the KV cache
   keeping the system prompt and the history (prefill token counts and times), `set_function_tools` with "[]",
   template restore, forced tool-call prefill, the empty template, keep_history=0, abort and max_new_tokens;
+  plus what usage relies on (docs/runtime.md §4.6): KV after a keep_history=1 run = reused + prefilled +
+  generated (`kv_accounting`), and a switch of system prompt prefilling all of the new one (`prefix_switch`);
 - the slot checks (skip them with `--no-slots`): what the engine's multi-slot design assumes of the board, with
   two runtime instances in two worker processes (`python -m rkllm_native.selfcheck --slot-worker`, each with its
   own `base_domain_id`; this process's instance is released first): both load at once (memory per instance; the
@@ -154,6 +156,11 @@ SYSTEM_PROMPT: Final = "\n".join(
         "Static context: the areas and devices of this home:",
         *(f"- name: {name}\n  domain: {domain}\n  area: {area}" for name, domain, area in _DEVICES),
     ]
+)
+
+# Another static prefix of the same size (the engine's "reset" moves a slot to it): only its first words differ.
+SWITCH_SYSTEM_PROMPT: Final = SYSTEM_PROMPT.replace(
+    "You are a voice assistant for a smart home.", "You are an assistant for the people who live in this home.", 1
 )
 
 
@@ -605,6 +612,43 @@ def evaluate_kv_accounting(cold: RunMeasurement, continued: RunMeasurement) -> C
         "tokens from what was reused: usage's cached_tokens is off by as much per turn"
     )
     return CheckResult("kv_accounting", None, title, "FAIL", detail, measurements)
+
+
+def evaluate_prefix_switch(kv_after_clear: int, switched: RunMeasurement, fresh: RunMeasurement) -> CheckResult:
+    """[Inf] After a switch of system prompt a keep_history=1 run prefills all of it (docs/runtime.md §4.6).
+
+    The switch is the engine's "reset": set_function_tools(another system prompt), clear_kv_cache(1), then the run.
+    `fresh` is the same run on an empty KV (clear_kv_cache(0)): the whole new prompt.
+    """
+    title = "a switch of system prompt prefills the whole new prompt"
+    measurements: Measurements = {
+        "kv_after_clear": kv_after_clear,
+        "switched_prefill_tokens": switched.prefill_tokens,
+        "switched_prefill_time_ms": round(switched.prefill_time_ms, 2),
+        "fresh_prefill_tokens": fresh.prefill_tokens,
+        "fresh_prefill_time_ms": round(fresh.prefill_time_ms, 2),
+    }
+    reused = fresh.prefill_tokens - switched.prefill_tokens
+    if _warm(switched, fresh):
+        detail = (
+            f"after the switch the turn prefilled only {switched.prefill_tokens} tokens (the new prompt is "
+            f"{fresh.prefill_tokens}): the runtime went on with the old system prompt ({kv_after_clear} tokens "
+            "resident); the engine must clear the KV completely (clear_kv_cache(0)) when it switches prefixes"
+        )
+        return CheckResult("prefix_switch", None, title, "FAIL", detail, measurements)
+    if reused <= max(2, round(0.02 * fresh.prefill_tokens)):
+        shared = f", all but {reused} leading tokens the two prompts share" if reused > 0 else ""
+        detail = (
+            f"prefilled {switched.prefill_tokens} tokens in {switched.prefill_time_ms:.0f} ms, as the new prompt on "
+            f"an empty KV ({fresh.prefill_tokens} tokens, {fresh.prefill_time_ms:.0f} ms){shared}: nothing of the old "
+            "prefix was reused"
+        )
+        return CheckResult("prefix_switch", None, title, "PASS", detail, measurements)
+    detail = (
+        f"prefilled {switched.prefill_tokens} of the new prompt's {fresh.prefill_tokens} tokens: {reused} tokens of "
+        "the old prefix were reused, so usage's cached_tokens 0 for a switch under-reports"
+    )
+    return CheckResult("prefix_switch", None, title, "UNKNOWN", detail, measurements)
 
 
 def evaluate_clear_keeps_system(cold: RunMeasurement, warm: RunMeasurement, kv_after_clear: int) -> CheckResult:
@@ -1866,6 +1910,22 @@ class SelfCheck:
 
         self._step("a8_abort_partial_turn", 8, "an aborted keep_history=1 run", abort_partial)
 
+    def prefix_switch_check(self) -> None:
+        """What a switch of static prefix reuses (the planner's "reset" reports cached_tokens 0)."""
+        self._step("prefix_switch", None, "a switch of system prompt", self._prefix_switch)
+
+    def _prefix_switch(self) -> CheckResult:
+        """The engine's "reset": another system prompt, clear_kv_cache(1), a keep_history=1 run; then on empty KV."""
+        runtime = self.require_runtime()
+        self._set_tools(TOOLS_JSON)
+        self.run("user", TURN_LIGHT, keep_history=True)  # a conversation on the first prefix
+        runtime.set_function_tools(SWITCH_SYSTEM_PROMPT, TOOLS_JSON, "tool_response")
+        runtime.clear_kv_cache(True)
+        kv_after_clear = runtime.get_kv_cache_size()[0]
+        switched = self.run("user", TURN_LIGHT, keep_history=True)
+        runtime.clear_kv_cache(False)
+        return evaluate_prefix_switch(kv_after_clear, switched, self.run("user", TURN_LIGHT, keep_history=True))
+
     # -- slots ----------------------------------------------------------------------------------------------------
 
     def slot_checks(self) -> None:
@@ -2036,6 +2096,7 @@ def run_selfcheck(options: Options) -> dict[str, Any]:
             check.fail_step("performance", None, "speed against the published figures", err)
         try:
             check.kv_checks()
+            check.prefix_switch_check()
         except RkllmError as err:
             check.report["errors"].append(f"the KV checks stopped: {err}")
         if options.slots:

@@ -1061,7 +1061,8 @@ static int emu_prepare(emu_job *job, emu_slot_run *runs, const emu_tokens *syste
         bool raw = in->type == RKLLM_INPUT_TOKEN || in->type == RKLLM_INPUT_EMBED;
         bool system_resident = slot->sys_len == system_tokens->len && emu_starts_with(&slot->kv, system_tokens);
         bool append = resume || (job->infer.keep_history && slot->kv.len > 0 && (raw || system_resident));
-        if (!append && job->infer.keep_history && slot->kv.len > 0) {
+        bool rebuilt = !append && job->infer.keep_history && slot->kv.len > 0;
+        if (rebuilt) {
             /* [Inf] a new system prompt invalidates the history that was computed under the old one. */
             emu_log('I', "the system prompt changed, the kv cache of batch %d is rebuilt", i);
         }
@@ -1094,8 +1095,10 @@ static int emu_prepare(emu_job *job, emu_slot_run *runs, const emu_tokens *syste
             emu_tokens_free(&prompt);
             return -1;
         }
-        /* Reuse the longest matching prefix of the resident KV or of a loaded prompt cache (§4.6, §4.9). */
-        size_t reuse = emu_common_prefix(slot->kv.ids, slot->kv.len, prompt.ids, prompt.len);
+        /* Reuse the longest matching prefix of the resident KV or of a loaded prompt cache (§4.6, §4.9). [Inf] A
+           rebuild under a changed system prompt starts from nothing: not even the leading tokens the old and the
+           new system prompt share are kept, so the whole new prompt is prefilled (MODEL_FORMAT.md §6). */
+        size_t reuse = rebuilt ? 0 : emu_common_prefix(slot->kv.ids, slot->kv.len, prompt.ids, prompt.len);
         if (i == 0 && h->prompt_cache_loaded) {
             size_t cached = emu_common_prefix(h->prompt_cache.ids, h->prompt_cache.len, prompt.ids, prompt.len);
             if (cached > reuse) {

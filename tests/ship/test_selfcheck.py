@@ -144,8 +144,13 @@ def test_kv_reuse_assumptions_pass_on_the_emulator(emulator_report: tuple[str, d
     profile, report, stdout = emulator_report
     checks = checks_by_id(report)
     assert set(checks) == {
-        *KV_ASSUMPTIONS, *SLOT_CHECKS, "a10_tool_turn", "kv_accounting", "driver_version", "performance"
+        *KV_ASSUMPTIONS, *SLOT_CHECKS, "a10_tool_turn", "kv_accounting", "prefix_switch", "driver_version",
+        "performance",
     }  # fmt: skip
+    assert checks["prefix_switch"]["status"] == "PASS"
+    switch = checks["prefix_switch"]["measurements"]
+    assert switch["switched_prefill_tokens"] == switch["fresh_prefill_tokens"] > 900
+    assert switch["kv_after_clear"] > 900  # the old prefix was still resident, and none of it was reused
     assert checks["kv_accounting"]["status"] == "PASS"
     assert checks["kv_accounting"]["measurements"]["continued_offset"] == 0
     assert {check_id: checks[check_id]["status"] for check_id in KV_ASSUMPTIONS} == dict.fromkeys(
@@ -327,6 +332,18 @@ def test_kv_accounting_verdicts() -> None:
     assert off.status == "FAIL"
     assert "off by +1 (cold) and +1 (continued)" in off.detail
     assert selfcheck.evaluate_kv_accounting(cold, measurement(finished=False)).status == "UNKNOWN"
+
+
+def test_prefix_switch_verdicts() -> None:
+    fresh = measurement(prefill_tokens=1100, prefill_time_ms=3300.0)
+    assert selfcheck.evaluate_prefix_switch(1070, measurement(prefill_tokens=1100), fresh).status == "PASS"
+    header_only = selfcheck.evaluate_prefix_switch(1070, measurement(prefill_tokens=1095), fresh)
+    assert header_only.status == "PASS"
+    assert "all but 5 leading tokens" in header_only.detail
+    kept_old = selfcheck.evaluate_prefix_switch(1070, measurement(prefill_tokens=30), fresh)
+    assert kept_old.status == "FAIL"
+    assert "clear_kv_cache(0)" in kept_old.detail
+    assert selfcheck.evaluate_prefix_switch(1070, measurement(prefill_tokens=700), fresh).status == "UNKNOWN"
 
 
 def test_driver_and_speed_verdicts() -> None:
