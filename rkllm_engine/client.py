@@ -128,6 +128,9 @@ class RunFinished:
     perf: Perf
     aborted: bool
     paused: bool
+    # The runtime's own `kv cache matches n / m` figures for a run that started from a fresh prompt, if printed.
+    kv_reused: int | None = None
+    prompt_tokens: int | None = None
 
 
 class WorkerState(enum.StrEnum):
@@ -1043,6 +1046,8 @@ class WorkerClient:
                     perf=_perf_from_dict(message.get("perf")),
                     aborted=bool(message.get("aborted")),
                     paused=bool(message.get("paused")),
+                    kv_reused=_opt_int(message.get("kv_reused")),
+                    prompt_tokens=_opt_int(message.get("prompt_tokens")),
                 )
                 self._failures.clear()  # a completed run ends a crash streak
                 stream._finish(finished)

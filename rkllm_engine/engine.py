@@ -1033,15 +1033,19 @@ class Engine:
         length_hit = account.budget_hit or (not aborted and perf.generate_tokens >= account.runtime_budget)
         completion_tokens = perf.generate_tokens if perf.generate_tokens or not account.pieces else account.pieces
         prefill_tokens = perf.prefill_tokens
+        cached_tokens = account.cached_tokens
+        if run_end is not None and run_end.kv_reused is not None and not plan.turn.keep_history:
+            # A run from a fresh prompt: the runtime said itself how much of it the KV already held (docs/voice.md §5).
+            cached_tokens = run_end.kv_reused
         if aborted and prefill_tokens == 0:
             # [Inf] no FINISH (so no perf) after an abort (rkllm-runtime.md §4.3): use the planner's estimate.
-            prefill_tokens = max(0, plan.estimated_prompt_tokens - account.cached_tokens)
+            prefill_tokens = max(0, plan.estimated_prompt_tokens - cached_tokens)
         return Finished(
             finish_reason=self._finish_reason(request, parse_result, length_hit=length_hit),
             usage=Usage(
-                prompt_tokens=prefill_tokens + account.cached_tokens,
+                prompt_tokens=prefill_tokens + cached_tokens,
                 completion_tokens=completion_tokens,
-                cached_tokens=account.cached_tokens,
+                cached_tokens=cached_tokens,
             ),
             perf=dataclasses.replace(perf, ttft_s=account.ttft_s),
             tool_calls=parse_result.tool_calls,

@@ -125,6 +125,22 @@ def find_context_overflow(lines: Iterable[str]) -> ContextOverflow | None:
 
 
 # What Python's faulthandler prints when the worker dies on a signal (the worker enables it on its stderr).
+_KV_MATCHES = re.compile(r"kv cache matches\s+(?P<reused>\d+)\s*/\s*(?P<prompt>\d+)\s+tokens of prompt")
+
+
+def kv_reuse(lines: Iterable[str]) -> tuple[int, int] | None:
+    """(reused, prompt) tokens from the runtime's last `kv cache matches n / m tokens of prompt` line, if any.
+
+    The runtime's own statement of prefix reuse for a run that starts from a fresh prompt (docs/runtime.md §4.6,
+    Appendix A); a run that appends to the KV prints none.
+    """
+    found: tuple[int, int] | None = None
+    for line in lines:
+        if (match := _KV_MATCHES.search(line)) is not None:
+            found = (int(match["reused"]), int(match["prompt"]))
+    return found
+
+
 _CRASH_REPORT = re.compile(r"^\s*Fatal Python error:")
 
 

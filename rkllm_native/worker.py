@@ -786,6 +786,9 @@ class Worker:
                     "paused": bool(getattr(outcome, "paused", False)),
                     "tokens": sink.tokens,
                 }
+                self.tap.sync()  # the runtime's own reuse figure, when it printed one, goes with the finish
+                if (reuse := logparse.kv_reuse(self.tap.lines_since(mark))) is not None:
+                    final["kv_reused"], final["prompt_tokens"] = reuse
         with self._lock:
             self._run = None
             self.runs_served += 1
