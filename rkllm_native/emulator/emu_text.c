@@ -34,9 +34,25 @@ static void emu_pieces_push(emu_pieces *pieces, size_t offset, size_t len) {
     pieces->len++;
 }
 
+/* Qwen's added tokens: one token each, whatever their bytes (MODEL_FORMAT.md §5). Qwen2.5 and Qwen3 both have
+ * the chat markers and the tool-call tags as single tokens; <think> and </think> are Qwen3's. */
+static const char *const EMU_SPECIAL_TOKENS[] = {
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<think>", "</think>",
+};
+
+/* Length of the special token starting at text[i], or 0. */
+static size_t emu_special_at(const char *text, size_t len, size_t i) {
+    if (text[i] != '<') return 0;
+    for (size_t s = 0; s < sizeof EMU_SPECIAL_TOKENS / sizeof EMU_SPECIAL_TOKENS[0]; s++) {
+        size_t n = strlen(EMU_SPECIAL_TOKENS[s]);
+        if (len - i >= n && memcmp(text + i, EMU_SPECIAL_TOKENS[s], n) == 0) return n;
+    }
+    return 0;
+}
+
 static size_t emu_run_end(const char *text, size_t len, size_t start, int cls) {
     size_t end = start + 1;
-    while (end < len && emu_byte_class((unsigned char)text[end]) == cls) end++;
+    while (end < len && emu_byte_class((unsigned char)text[end]) == cls && emu_special_at(text, len, end) == 0) end++;
     return end;
 }
 
@@ -59,6 +75,12 @@ void emu_tokenize(const char *text, size_t len, int chars_per_token, emu_pieces 
     out->len = 0;
     size_t i = 0;
     while (i < len) {
+        size_t special = emu_special_at(text, len, i);
+        if (special > 0) {
+            emu_pieces_push(out, i, special);
+            i += special;
+            continue;
+        }
         int cls = emu_byte_class((unsigned char)text[i]);
         size_t j = emu_run_end(text, len, i, cls);
         if (cls != EMU_CLASS_SPACE) {
@@ -70,7 +92,8 @@ void emu_tokenize(const char *text, size_t len, int chars_per_token, emu_pieces 
         /* A whitespace run whose last byte is a space followed by a word or punctuation gives that space
          * to the next run, as BPE pre-tokenizers do (" word" is one token); the rest is cut on its own. */
         int next_cls = j < len ? emu_byte_class((unsigned char)text[j]) : EMU_CLASS_SPACE;
-        bool attach = text[j - 1] == ' ' && (next_cls == EMU_CLASS_ALNUM || next_cls == EMU_CLASS_PUNCT);
+        bool attach = text[j - 1] == ' ' && (next_cls == EMU_CLASS_ALNUM || next_cls == EMU_CLASS_PUNCT) &&
+                      emu_special_at(text, len, j) == 0;
         size_t own_end = attach ? j - 1 : j;
         emu_pieces_cut(out, 0, i, own_end, step);
         if (attach) {

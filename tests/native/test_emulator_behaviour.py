@@ -40,10 +40,24 @@ _PIECE_RUN = re.compile(
 )
 
 
+_SPECIAL = re.compile(rb"(<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|</?tool_call>|</?think>)")
+
+
 def pieces(text: str, chars_per_token: int = 6) -> list[bytes]:
-    """§5: a space before a word or punctuation run rides along; punctuation pairs up; the rest cut by length."""
+    """§5: Qwen's added tokens are one piece each; a space before a word or punctuation run rides along;
+    punctuation pairs up; the rest cut by length."""
     out: list[bytes] = []
-    for match in _PIECE_RUN.finditer(text.encode()):
+    for segment in _SPECIAL.split(text.encode()):
+        if _SPECIAL.fullmatch(segment):
+            out.append(segment)
+        else:
+            out += _plain_pieces(segment, chars_per_token)
+    return out
+
+
+def _plain_pieces(text: bytes, chars_per_token: int) -> list[bytes]:
+    out: list[bytes] = []
+    for match in _PIECE_RUN.finditer(text):
         run = match.group()
         prefix = run[:1] if match.lastgroup in ("word", "punct") and run[:1] == b" " else b""
         body = run[len(prefix) :]
@@ -784,7 +798,7 @@ def test_prompt_longer_than_the_context_is_an_error(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     session = sessions(profile, write_model(), max_context_len=64)
-    text = "word " * 40
+    text = "word " * 60
     result = session.one(text)
     prompt = ntok(system_part(DEFAULT_SYSTEM) + user_turn(text))
     line = f"the length of prompt is greater than max context (prompt: {prompt} tokens, max context: 64)"
@@ -818,7 +832,7 @@ def test_context_that_cannot_make_room_is_an_error(
 ) -> None:
     session = sessions("v130", write_model("default_answer = fine\n"), max_context_len=64, n_keep=40)
     session.one("short", keep_history=True)
-    result = session.one("word " * 12, keep_history=True)
+    result = session.one("word " * 30, keep_history=True)
     assert result.rc == -1
     assert result.events[-1].state == ERROR
     assert "E rkllm: the context is not enough! history_s: " in capfd.readouterr().out
