@@ -45,7 +45,8 @@ _SPECIAL = re.compile(rb"(<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|</?tool_ca
 
 def pieces(text: str, chars_per_token: int = 6) -> list[bytes]:
     """§5: Qwen's added tokens are one piece each; a space before a word or punctuation run rides along;
-    punctuation pairs up; the rest cut by length."""
+    punctuation pairs up; the rest cut by length.
+    """
     out: list[bytes] = []
     for segment in _SPECIAL.split(text.encode()):
         if _SPECIAL.fullmatch(segment):
