@@ -44,9 +44,7 @@ _SPECIAL = re.compile(rb"(<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|</?tool_ca
 
 
 def pieces(text: str, chars_per_token: int = 6) -> list[bytes]:
-    """§5: Qwen's added tokens are one piece each; a space before a word or punctuation run rides along;
-    punctuation pairs up; the rest cut by length.
-    """
+    """§5: Qwen's added tokens are one piece each; the rest as `_plain_pieces`."""
     out: list[bytes] = []
     for segment in _SPECIAL.split(text.encode()):
         if _SPECIAL.fullmatch(segment):
@@ -57,6 +55,7 @@ def pieces(text: str, chars_per_token: int = 6) -> list[bytes]:
 
 
 def _plain_pieces(text: bytes, chars_per_token: int) -> list[bytes]:
+    """A space before a word or punctuation run rides along; punctuation pairs up; the rest cut by length."""
     out: list[bytes] = []
     for match in _PIECE_RUN.finditer(text):
         run = match.group()
