@@ -65,12 +65,14 @@ from .compat import (
     selector_serializer,
     tool_result_payload,
 )
+from .confirmation import async_quick_confirm
 from .const import (
     CONF_ENABLE_THINKING,
     CONF_MAX_HISTORY,
     CONF_MAX_NEW_TOKENS,
     CONF_MAX_TOOL_ITERATIONS,
     CONF_PROMPT,
+    CONF_QUICK_CONFIRMATIONS,
     CONF_REPEAT_PENALTY,
     CONF_TEMPERATURE,
     CONF_TOP_K,
@@ -79,6 +81,7 @@ from .const import (
     DEFAULT_MAX_HISTORY,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TOOL_ITERATIONS,
+    DEFAULT_QUICK_CONFIRMATIONS,
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -133,6 +136,7 @@ class AgentSettings:
     enable_thinking: bool
     max_history: int
     max_tool_iterations: int
+    quick_confirmations: bool = DEFAULT_QUICK_CONFIRMATIONS
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AgentSettings:
@@ -150,6 +154,7 @@ class AgentSettings:
             enable_thinking=bool(options.get(CONF_ENABLE_THINKING, DEFAULT_ENABLE_THINKING)),
             max_history=int(options.get(CONF_MAX_HISTORY, DEFAULT_MAX_HISTORY)),
             max_tool_iterations=max(1, int(options.get(CONF_MAX_TOOL_ITERATIONS, DEFAULT_MAX_TOOL_ITERATIONS))),
+            quick_confirmations=bool(options.get(CONF_QUICK_CONFIRMATIONS, DEFAULT_QUICK_CONFIRMATIONS)),
         )
 
 
@@ -614,6 +619,8 @@ async def async_run_chat_log(
             pass
         if not chat_log.unresponded_tool_results:
             break
+        if settings.quick_confirmations and structure is None and await async_quick_confirm(hass, chat_log, agent_id):
+            break  # one device action, confirmed with Home Assistant's own sentence (confirmation.py)
     return usage
 
 
