@@ -19,6 +19,8 @@ from homeassistant.helpers import area_registry as ar
 from homeassistant.helpers import chat_session, intent
 from homeassistant.helpers import entity_registry as er
 from homeassistant.setup import async_setup_component
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytest_homeassistant_custom_component.common import MockConfigEntry, setup_test_component_platform
 
 from custom_components.rkllm.agent_api import AgentDelta, agent_models, async_run_agent
@@ -432,3 +434,30 @@ async def test_templates_that_cannot_be_rendered_give_no_sentence(hass: HomeAssi
     assert render_confirmation(hass, "{% if %}", {}, light) is None
     assert render_confirmation(hass, "  ", {}, light) is None
     assert render_confirmation(hass, "Turned on {{ {'fan': 'the fan'}.get(state.domain) }}", {}, light) is None
+
+
+_SLOT_VALUES = st.one_of(
+    st.text(max_size=12), st.integers(-5, 300), st.booleans(), st.lists(st.text(max_size=8), max_size=3), st.none()
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    language=st.sampled_from(["en", "de", "fr", "nl", "es"]),
+    intent_type=st.sampled_from(sorted(DEVICE_ACTION_INTENTS)),
+    arguments=st.dictionaries(
+        st.sampled_from(["name", "area", "floor", "domain", "device_class", "brightness", "color", "temperature"]),
+        _SLOT_VALUES,
+        max_size=4,
+    ),
+    domain=st.sampled_from(["light", "cover", "lock", "fan", "switch", "climate", "media_player", "scene", "valve"]),
+)
+def test_picking_a_block_never_fails_on_any_call(
+    language: str, intent_type: str, arguments: dict[str, Any], domain: str
+) -> None:
+    """Whatever a small model puts in a call, choosing the sentence gives a block with a template or None."""
+    responses = load_language_responses(language)
+    assert responses is not None
+    block = pick_block(responses, intent_type, arguments, [State(f"{domain}.thing", "on", {"device_class": "garage"})])
+    if block is not None:
+        assert block.response in responses.templates[intent_type]
