@@ -51,6 +51,9 @@ CREDENTIALS_FILE = ".develop_user.json"
 CONFIG_ENTRIES_VERSION = (1, 5)
 ONBOARDING_VERSION = 4
 ONBOARDING_STEPS = ["user", "core_config", "analytics", "integration"]
+# The runtime entry's KV-context count ("auto", "1", "2", …), read by the engine once it has slots; written only
+# when --slots is given (bench/voice.py compares 1 and 2 slots). A runtime that does not know the key ignores it.
+CONF_SLOTS = "slots"
 
 
 class SeedError(Exception):
@@ -80,10 +83,10 @@ def _write_json(path: Path, content: dict[str, Any], *, private: bool = False) -
     temporary.replace(path)
 
 
-def develop_entry(library: str, model: str, platform: str) -> dict[str, Any]:
+def develop_entry(library: str, model: str, platform: str, slots: str | None = None) -> dict[str, Any]:
     """The config entry the config flow would create for this library and model, with its Assist agent."""
     now = datetime.now(UTC).isoformat()
-    return {
+    entry: dict[str, Any] = {
         "entry_id": DEVELOP_ENTRY_ID,
         "domain": DOMAIN,
         "title": Path(model).stem,
@@ -118,10 +121,13 @@ def develop_entry(library: str, model: str, platform: str) -> dict[str, Any]:
         "created_at": now,
         "modified_at": now,
     }
+    if slots is not None:
+        entry["data"][CONF_SLOTS] = slots
+    return entry
 
 
-def seed_config_entry(storage: Path, library: str, model: str, platform: str) -> str:
-    """Add the develop entry when no rkllm entry exists; point it at `library`/`model` if it exists."""
+def seed_config_entry(storage: Path, library: str, model: str, platform: str, slots: str | None = None) -> str:
+    """Add the develop entry when no rkllm entry exists; point it at `library`/`model` (and `slots`) if it exists."""
     path = storage / "core.config_entries"
     content = _read_json(path)
     if content is None:
@@ -131,16 +137,19 @@ def seed_config_entry(storage: Path, library: str, model: str, platform: str) ->
     ours = next((entry for entry in entries if entry.get("entry_id") == DEVELOP_ENTRY_ID), None)
     if ours is not None:
         wanted = {CONF_LIBRARY_PATH: library, CONF_MODEL_PATH: model, CONF_PLATFORM: platform}
+        if slots is not None:
+            wanted[CONF_SLOTS] = slots
         if all(ours["data"].get(key) == value for key, value in wanted.items()):
             return f"rkllm entry '{ours['title']}' unchanged"
         ours["data"].update(wanted)
         ours["title"] = Path(model).stem
         ours["modified_at"] = datetime.now(UTC).isoformat()
         _write_json(path, content)
-        return f"rkllm entry now uses {library} and {model}"
+        uses = f"{library} and {model}" if slots is None else f"{library} and {model} with {slots} slot(s)"
+        return f"rkllm entry now uses {uses}"
     if any(entry.get("domain") == DOMAIN for entry in entries):
         return "an rkllm entry made in the UI exists; left as it is"
-    entries.append(develop_entry(library, model, platform))
+    entries.append(develop_entry(library, model, platform, slots))
     _write_json(path, content)
     return f"added the rkllm entry '{Path(model).stem}' with the agent '{DEFAULT_CONVERSATION_NAME}' (Assist API)"
 
@@ -192,6 +201,13 @@ def _existing_file(value: str, what: str) -> str:
     return str(path.resolve())
 
 
+def _slots(value: str) -> str:
+    """`auto` or a positive count, kept as the string the entry stores."""
+    if value != "auto" and not (value.isascii() and value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f'must be "auto" or a positive count, got {value!r}')
+    return value if value == "auto" else str(int(value))
+
+
 def prepare(args: argparse.Namespace) -> list[str]:
     """Validate the arguments, then seed the entry and the user; returns one message per step."""
     library = _existing_file(args.library, "runtime library")
@@ -207,7 +223,7 @@ def prepare(args: argparse.Namespace) -> list[str]:
     if not (config / "configuration.yaml").is_file():
         raise SeedError(f"{config}/configuration.yaml is missing (it is tracked in git: restore it)")
     return [
-        seed_config_entry(config / ".storage", library, model, platform),
+        seed_config_entry(config / ".storage", library, model, platform, args.slots),
         seed_user(config, args.hass),
     ]
 
@@ -219,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--library", required=True, help="librkllmrt.so (or the emulator library)")
     parser.add_argument("--model", required=True, help=".rkllm model (or an emulator model)")
     parser.add_argument("--platform", help=f"one of {', '.join(PLATFORMS_SUPPORTED)} (default: detected)")
+    parser.add_argument(
+        "--slots",
+        type=_slots,
+        help='KV contexts of the runtime entry: "auto" or a count such as 1 or 2 (default: not written)',
+    )
     parser.add_argument("--hass", type=Path, default=Path(sys.executable).parent / "hass", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:

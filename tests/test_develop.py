@@ -99,6 +99,45 @@ def test_seeding_again_keeps_the_entry_and_follows_a_new_library_or_model(config
     assert updated["subentries"] == seeded["subentries"]
 
 
+def test_slots_are_written_into_the_entry_only_when_asked(config_dir: Path) -> None:
+    storage = config_dir / ".storage"
+    seed_config.seed_config_entry(storage, "/opt/emu.so", "/models/a.model", "rk3588")
+    [entry] = read_entries(config_dir)
+    assert "slots" not in entry["data"]
+
+    # bench/voice.py compares slot counts on the same entry: each run sets its own.
+    message = seed_config.seed_config_entry(storage, "/opt/emu.so", "/models/a.model", "rk3588", slots="2")
+    assert message == "rkllm entry now uses /opt/emu.so and /models/a.model with 2 slot(s)"
+    [entry] = read_entries(config_dir)
+    assert entry["data"]["slots"] == "2"
+    assert seed_config.seed_config_entry(storage, "/opt/emu.so", "/models/a.model", "rk3588", slots="2") == (
+        "rkllm entry 'a' unchanged"
+    )
+    # scripts/develop passes no --slots: a developer's setting stays.
+    seed_config.seed_config_entry(storage, "/opt/emu.so", "/models/a.model", "rk3588")
+    [entry] = read_entries(config_dir)
+    assert entry["data"]["slots"] == "2"
+
+
+def test_slots_option_takes_auto_or_a_positive_count(config_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    library = str(emulator_library("v12x"))
+    base = ["--config", str(config_dir), "--library", library, "--model", str(DEMO_MODEL), "--hass", "/nonexistent"]
+    for bad in ("0", "two", "-1", "²"):
+        with pytest.raises(SystemExit) as exited:
+            seed_config.main([*base, "--slots", bad])
+        assert exited.value.code == 2
+        assert f'argument --slots: must be "auto" or a positive count, got {bad!r}' in capsys.readouterr().err
+    assert not (config_dir / ".storage").exists()
+
+    storage = config_dir / ".storage"
+    storage.mkdir()
+    (config_dir / ".develop_user.json").write_text("{}", encoding="utf-8")  # the user exists: no hass call
+    for value, stored in (("auto", "auto"), ("02", "2")):
+        assert seed_config.main([*base, "--slots", value]) == 0
+        [entry] = read_entries(config_dir)
+        assert entry["data"]["slots"] == stored
+
+
 def test_an_entry_made_in_the_ui_is_left_alone(config_dir: Path) -> None:
     storage = config_dir / ".storage"
     seed_config.seed_config_entry(storage, "/opt/emu.so", "/models/a.model", "rk3588")

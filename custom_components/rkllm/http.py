@@ -267,6 +267,9 @@ class EventSource(Protocol):
     async def close(self) -> None:
         """Stop the request (dequeue or abort) and wait until the slot is free."""
 
+    def commit(self) -> None:
+        """The response started (headers sent): from now on a voice request must not shed this one."""
+
 
 class GenerationSource:
     """Events of an engine `Generation`; a wait that times out keeps the pending `__anext__` for the next call.
@@ -304,6 +307,10 @@ class GenerationSource:
             with contextlib.suppress(BaseException):
                 await pending
         await self._generation.cancel()
+
+    def commit(self) -> None:
+        """See `EventSource.commit`."""
+        self._generation.commit()
 
 
 class AgentSource:
@@ -371,6 +378,9 @@ class AgentSource:
         with contextlib.suppress(BaseException):
             await self._task
 
+    def commit(self) -> None:
+        """See `EventSource.commit`: an agent turn's requests run at API priority and may still be shed."""
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Responding: one loop for plain and streamed answers
@@ -425,6 +435,7 @@ async def _respond_stream(
         return _error_response(_as_openai_error(err, prompt_param))
 
     response = web.StreamResponse(status=HTTPStatus.OK, headers=SSE_HEADERS)
+    source.commit()
     await response.prepare(request)
     try:
         for chunk in translator.start():
@@ -720,6 +731,12 @@ def _engine_health(data: RkllmRuntimeData, metrics: EngineMetrics) -> tuple[dict
         "consecutive_failures": metrics.consecutive_failures,
         "watchdog_fired": metrics.watchdog_fired,
         "requests_served": metrics.requests_served,
+        # The runtime contexts (docs/voice.md): what each serves and does, and the tools of its resident prefix.
+        "slots": [
+            {"index": slot.index, "role": slot.role, "state": slot.state, "tools_loaded": list(slot.tools_loaded)}
+            for slot in metrics.slots
+        ],
+        "voice_response_s": metrics.last_voice_response_s,
     }
     if (reason := metrics.health_reason) is not None:
         body["error"] = reason

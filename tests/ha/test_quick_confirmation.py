@@ -7,6 +7,7 @@ Anything that is not exactly one successful device action must still get the mod
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,11 @@ async def converse(
     return result
 
 
+def run_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The engine's one debug line per run (slot, plan mode, tokens, TTFT, decode rate)."""
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("slot ")]
+
+
 def speech(result: conversation.ConversationResult) -> str:
     return str(result.response.speech["plain"]["speech"])
 
@@ -227,29 +233,32 @@ async def test_an_area_command_gets_the_languages_area_sentence(
 
 @pytest.mark.usefixtures("lights", "loaded_entry")
 async def test_the_next_turn_after_a_confirmation_rebuilds_and_sees_it(
-    hass: HomeAssistant, loaded_entry: MockConfigEntry, submitted: list[ChatRequest], monkeypatch: pytest.MonkeyPatch
+    hass: HomeAssistant, submitted: list[ChatRequest], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The model never generated the confirmation, so the next turn re-sends the history (static prefix kept)."""
-    planner = loaded_entry.runtime_data.engine._planner  # observe the plan, change nothing
-    assert planner is not None
-    modes: list[str] = []
-    plan = planner.plan
-
-    def recording_plan(request: Any) -> Any:
-        planned = plan(request)
-        modes.append(planned.mode)
-        return planned
-
-    monkeypatch.setattr(planner, "plan", recording_plan)
+    caplog.set_level(logging.DEBUG, logger="rkllm_engine.engine")  # one line per run names its plan mode
     first = await converse(hass, "turn on the kitchen light")
     assert speech(first) == "Turned on the light"
-    second_turn = len(modes)  # the engine plans at admission and again at the run
+    second_turn = len(run_lines(caplog))
     second = await converse(hass, "say something else", conversation_id=first.conversation_id)
     assert speech(second).endswith("say something else")
-    assert set(modes[second_turn:]) == {"rebuild"}  # not "reset": the static prefix stayed resident
+    modes = [line.split("plan ", 1)[1].split(",", 1)[0] for line in run_lines(caplog)[second_turn:]]
+    assert modes == ["rebuild"]  # not "reset": the static prefix stayed resident
     history = submitted[-1].messages
     assert [message.role for message in history] == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert history[-2].content == "Turned on the light"
+
+
+@pytest.mark.usefixtures("lights")
+async def test_the_confirmation_is_the_turns_first_spoken_text(
+    hass: HomeAssistant, loaded_entry: MockConfigEntry
+) -> None:
+    """The voice response time (command → first spoken text) is reported for a turn the model never spoke in."""
+    engine = loaded_entry.runtime_data.engine
+    assert engine.metrics.last_voice_response_s is None
+    await converse(hass, "turn on the kitchen light")
+    assert engine.metrics.last_voice_response_s is not None
+    assert engine.metrics.last_voice_response_s > 0
 
 
 @pytest.mark.usefixtures("lights", "loaded_entry")
