@@ -7,6 +7,7 @@ object that passes the task's schema, else the task fails with a translated erro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from homeassistant.components import ai_task, conversation  # type: ignore[attr-defined, unused-ignore]
@@ -18,7 +19,7 @@ from rkllm_engine.types import Priority
 
 from .const import DOMAIN, SUBENTRY_AI_TASK
 from .data import RkllmConfigEntry
-from .entity import RkllmBaseLLMEntity, structured_output, validate_structured_answer
+from .entity import AgentSettings, RkllmBaseLLMEntity, structured_output, validate_structured_answer
 
 PARALLEL_UPDATES = 0
 
@@ -39,6 +40,11 @@ class RkllmTaskEntity(ai_task.AITaskEntity, RkllmBaseLLMEntity):  # type: ignore
     """Generates data for AI tasks on the NPU."""
 
     _attr_supported_features = ai_task.AITaskEntityFeature.GENERATE_DATA
+
+    @property
+    def settings(self) -> AgentSettings:
+        """This task's options; no quick confirmations: a task's result is data for automations, not speech."""
+        return dataclasses.replace(super().settings, quick_confirmations=False)
 
     async def _async_generate_data(
         self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog

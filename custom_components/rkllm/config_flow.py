@@ -64,6 +64,7 @@ from .const import (
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
     CONF_PROMPT,
+    CONF_QUICK_CONFIRMATIONS,
     CONF_REPEAT_PENALTY,
     CONF_SLOTS,
     CONF_TEMPERATURE,
@@ -85,6 +86,7 @@ from .const import (
     DEFAULT_MAX_TOOL_ITERATIONS,
     DEFAULT_NPU_DOMAIN_ID,
     DEFAULT_PLATFORM,
+    DEFAULT_QUICK_CONFIRMATIONS,
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -308,6 +310,7 @@ def default_conversation_options() -> dict[str, Any]:
         CONF_ENABLE_THINKING: DEFAULT_ENABLE_THINKING,
         CONF_MAX_HISTORY: DEFAULT_MAX_HISTORY,
         CONF_MAX_TOOL_ITERATIONS: DEFAULT_MAX_TOOL_ITERATIONS,
+        CONF_QUICK_CONFIRMATIONS: DEFAULT_QUICK_CONFIRMATIONS,
     }
 
 
@@ -576,6 +579,8 @@ def subentry_schema(hass: HomeAssistant, subentry_type: str, is_new: bool) -> vo
     if subentry_type == SUBENTRY_CONVERSATION:
         schema[vol.Required(CONF_MAX_HISTORY)] = _number(0, 100)
         schema[vol.Required(CONF_MAX_TOOL_ITERATIONS)] = _number(1, 20)
+        # A default, not only a suggestion: agents created before the option existed show (and keep) it on.
+        schema[vol.Required(CONF_QUICK_CONFIRMATIONS, default=DEFAULT_QUICK_CONFIRMATIONS)] = BooleanSelector()
     return vol.Schema(schema)
 
 

@@ -61,6 +61,7 @@ CONF_MAX_NEW_TOKENS: Final = "max_new_tokens"
 CONF_ENABLE_THINKING: Final = "enable_thinking"
 CONF_MAX_HISTORY: Final = "max_history"
 CONF_MAX_TOOL_ITERATIONS: Final = "max_tool_iterations"
+CONF_QUICK_CONFIRMATIONS: Final = "quick_confirmations"
 
 # Sampling defaults follow the official server demo (rkllm-runtime.md §6); top_k 1 is greedy, which keeps tool
 # calls of small models deterministic.
@@ -74,6 +75,9 @@ DEFAULT_ENABLE_THINKING: Final = False
 DEFAULT_MAX_HISTORY: Final = 5
 # Core uses 10; a 1-3 B model that loops on a failing tool wastes seconds of NPU time per iteration.
 DEFAULT_MAX_TOOL_ITERATIONS: Final = 5
+# One successful device action is confirmed with Home Assistant's own sentence instead of a second model round
+# (confirmation.py; docs/home-assistant.md §2.8).
+DEFAULT_QUICK_CONFIRMATIONS: Final = True
 
 DEFAULT_CONVERSATION_NAME: Final = "RKLLM conversation"
 DEFAULT_AI_TASK_NAME: Final = "RKLLM AI Task"

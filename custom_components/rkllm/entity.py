@@ -67,12 +67,14 @@ from .compat import (
     selector_serializer,
     tool_result_payload,
 )
+from .confirmation import async_quick_confirm
 from .const import (
     CONF_ENABLE_THINKING,
     CONF_MAX_HISTORY,
     CONF_MAX_NEW_TOKENS,
     CONF_MAX_TOOL_ITERATIONS,
     CONF_PROMPT,
+    CONF_QUICK_CONFIRMATIONS,
     CONF_REPEAT_PENALTY,
     CONF_TEMPERATURE,
     CONF_TOP_K,
@@ -81,6 +83,7 @@ from .const import (
     DEFAULT_MAX_HISTORY,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TOOL_ITERATIONS,
+    DEFAULT_QUICK_CONFIRMATIONS,
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -135,6 +138,7 @@ class AgentSettings:
     enable_thinking: bool
     max_history: int
     max_tool_iterations: int
+    quick_confirmations: bool = DEFAULT_QUICK_CONFIRMATIONS
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AgentSettings:
@@ -152,6 +156,7 @@ class AgentSettings:
             enable_thinking=bool(options.get(CONF_ENABLE_THINKING, DEFAULT_ENABLE_THINKING)),
             max_history=int(options.get(CONF_MAX_HISTORY, DEFAULT_MAX_HISTORY)),
             max_tool_iterations=max(1, int(options.get(CONF_MAX_TOOL_ITERATIONS, DEFAULT_MAX_TOOL_ITERATIONS))),
+            quick_confirmations=bool(options.get(CONF_QUICK_CONFIRMATIONS, DEFAULT_QUICK_CONFIRMATIONS)),
         )
 
 
@@ -643,6 +648,9 @@ async def async_run_chat_log(
             engine.end_turn(turn_id)
             raise
         if not chat_log.unresponded_tool_results:
+            break
+        if settings.quick_confirmations and structure is None and await async_quick_confirm(hass, chat_log, agent_id):
+            clock.spoken()  # Home Assistant's own sentence (confirmation.py) is the turn's first spoken text
             break
     engine.end_turn(turn_id)
     return usage

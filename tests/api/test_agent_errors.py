@@ -218,7 +218,7 @@ async def test_agent_text_before_and_after_a_tool_call_is_separated(
         message = (await response.json())["choices"][0]["message"]
         text = message["content"]
         assert "tool_calls" not in message
-    assert text == "One moment.\n\nDone, the kitchen light is on."
+    assert text == "One moment.\n\nTurned on the light"  # Home Assistant's own confirmation after the call
     state = hass.states.get(kitchen_light)
     assert state is not None
     assert state.state == "on"

@@ -20,7 +20,7 @@ async def test_admin_turns_a_light_on_through_an_agent_model(
     assert state is not None
     assert state.state == "on"
     choice = completion.choices[0]
-    assert choice.message.content == "Done, the kitchen light is on."
+    assert choice.message.content == "Turned on the light"  # quick confirmation: Home Assistant's sentence
     # The agent called the tool itself: the client sees the answer, not a tool call to execute.
     assert choice.message.tool_calls is None
     assert choice.finish_reason == "stop"
@@ -40,7 +40,7 @@ async def test_agent_model_streams_its_answer(
     )
     chunks = [chunk async for chunk in stream]
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-    assert text == "Done, the kitchen light is on."
+    assert text == "Turned on the light"
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
@@ -106,7 +106,7 @@ async def test_agent_history_with_a_previous_tool_call_is_accepted(
         },
     )
     assert response.status == 200
-    assert (await response.json())["choices"][0]["message"]["content"] == "Done, the kitchen light is on."
+    assert (await response.json())["choices"][0]["message"]["content"] == "Turned on the light"
     state = hass.states.get(kitchen_light)
     assert state is not None
     assert state.state == "on"

@@ -11,7 +11,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.typing import WebSocketGenerator
 
-from tests.ha.conftest import KITCHEN_LIGHT
+from tests.ha.conftest import KITCHEN_LIGHT, conversation_subentry
 
 AGENT = "conversation.assist_on_npu"
 # Feature-detected: the pipeline forwards the agent's chat-log deltas as `intent-progress` events where it can.
@@ -58,6 +58,7 @@ async def _run_pipeline(hass: HomeAssistant, hass_ws_client: WebSocketGenerator,
     return events
 
 
+@pytest.mark.parametrize("subentries", [[conversation_subentry(quick_confirmations=False)]])
 @pytest.mark.usefixtures("kitchen_light", "loaded_entry")
 async def test_text_pipeline_turns_on_the_light_and_streams(
     hass: HomeAssistant, hass_ws_client: WebSocketGenerator
@@ -81,3 +82,20 @@ async def test_text_pipeline_turns_on_the_light_and_streams(
     streamed = [delta["content"] for delta in deltas if delta.get("content")]
     assert len(streamed) > 1, "the answer should arrive in several pieces"
     assert "".join(streamed) == "Done, the kitchen light is on."
+
+
+@pytest.mark.usefixtures("kitchen_light", "loaded_entry")
+async def test_text_pipeline_speaks_the_quick_confirmation(
+    hass: HomeAssistant, hass_ws_client: WebSocketGenerator
+) -> None:
+    """With quick confirmations (the default) the pipeline gets Home Assistant's sentence as the agent's text."""
+    events = await _run_pipeline(hass, hass_ws_client, "turn on the kitchen light")
+    assert "error" not in [event["type"] for event in events], events
+    intent_end = next(event for event in events if event["type"] == "intent-end")
+    assert intent_end["data"]["intent_output"]["response"]["speech"]["plain"]["speech"] == "Turned on the light"
+    assert hass.states.get(KITCHEN_LIGHT).state == STATE_ON
+    if not STREAMS_DELTAS:
+        return
+    deltas = [event["data"]["chat_log_delta"] for event in events if event["type"] == "intent-progress"]
+    tool_result = next(index for index, delta in enumerate(deltas) if delta.get("role") == "tool_result")
+    assert "".join(delta.get("content") or "" for delta in deltas[tool_result:]) == "Turned on the light"
