@@ -150,8 +150,9 @@ def bare_home(tmp_path: Path, socket_enabled: None) -> Iterator[BareHome]:
 
     log = config / "home-assistant.log"
     # `hass` exactly as a user runs it: pip enabled (no --skip-pip), nothing of this repository on sys.path.
-    # HOME stays, so Home Assistant's own `uv pip install` finds uv's cache.
+    # Home Assistant's own `uv pip install` shares our uv's cache (a first start needs ~15 packages).
     network = {key: value for key, value in os.environ.items() if NETWORK_VARIABLES.fullmatch(key)}
+    network.setdefault("UV_CACHE_DIR", run([UV, "cache", "dir"], "asking uv for its cache directory").strip())
     process = subprocess.Popen(
         [venv / "bin" / "hass", "--config", config, "--log-file", log],
         cwd=root,
