@@ -2,6 +2,8 @@
 
 import json
 import re
+import shutil
+import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -86,3 +88,32 @@ def test_running_venv_matches_its_lock(repo_root: Path) -> None:
         if installed != pinned:
             stale.append(f"{name} {installed} (lock: {pinned})")
     assert not stale, "venv differs from its lock, run scripts/setup: " + ", ".join(stale)
+
+
+def select_lines(repo_root: Path, selection: str) -> subprocess.CompletedProcess[str]:
+    bash = shutil.which("bash")
+    assert bash is not None
+    return subprocess.run(
+        [bash, "-c", 'source scripts/lines.bash && select_lines "$1"', "select_lines", selection],
+        capture_output=True, text=True, timeout=30, check=False, cwd=repo_root,
+    )  # fmt: skip
+
+
+def test_line_selection_takes_the_line_names_and_the_old_ones(repo_root: Path) -> None:
+    # RKLLM_TEST_LINES (scripts/test), scripts/setup's arguments and RKLLM_DEVELOP_LINE all go through this.
+    cases = {
+        "": ["2025.4", "2026.2", "2026.10"],
+        "all": ["2025.4", "2026.2", "2026.10"],
+        "both": ["2025.4", "2026.2", "2026.10"],  # the name from when there were two lines
+        "2025": ["2025.4"],
+        "2026": ["2026.2", "2026.10"],
+        "2026.10,2025": ["2025.4", "2026.10"],
+        "2026.2 2026.2": ["2026.2"],
+    }
+    for selection, expected in cases.items():
+        result = select_lines(repo_root, selection)
+        assert result.returncode == 0, (selection, result.stderr)
+        assert result.stdout.split() == expected, selection
+    unknown = select_lines(repo_root, "2025 2024")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "2024"
