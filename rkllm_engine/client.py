@@ -45,6 +45,9 @@ _LOGGER = logging.getLogger(__name__)
 
 RECENT_LOG_LINES: Final = 200
 STOP_TIMEOUT_S: Final = 5.0
+# How long `stop()` lets a run in flight honour its abort before the worker is killed: shutting Home Assistant
+# down or unloading the entry must stay bounded even when the runtime hangs (docs/robustness.md §6).
+STOP_ABORT_GRACE_S: Final = 3.0
 EXIT_WAIT_S: Final = 3.0
 REMOTE_GRACE_MARGIN_S: Final = 1.0
 WORKER_MODULE: Final = "rkllm_native.worker"
@@ -91,6 +94,7 @@ class RuntimeInfo:
     platform: str | None
     max_context_limit: int | None
     pid: int | None
+    toolkit_version: str | None = None  # the model's converter (`I rkllm: rkllm-toolkit version: …`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,16 @@ def describe_exit(returncode: int | None) -> str:
             name = "unknown signal"
         return f"signal {-returncode} {name}"
     return f"exit code {returncode}"
+
+
+def c_text(text: str) -> str:
+    """Text the runtime can take: it reads C strings, where a NUL would silently end the text early.
+
+    The API refuses NULs with a 400; anything else that reaches the worker (Home Assistant's own text, tool
+    results) has them replaced by U+FFFD (docs/robustness.md §3). Lone surrogates are replaced by the frame
+    encoder (`protocol.scrub_text`).
+    """
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def sampling_to_dict(sampling: Sampling | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -256,9 +270,16 @@ class _Session:
         self.pid: int | None = None if process is None else process.pid
 
     def send(self, message: dict[str, Any]) -> None:
+        """Queue one frame; a message that cannot be framed is the request's fault, never the connection's."""
         if self.closed.is_set() or self.writer.is_closing():
             raise EngineUnavailableError("the connection to the rkllm worker is closed")
-        protocol.write_frame(self.writer, message)
+        try:
+            frame = protocol.encode_frame(message)
+        except protocol.ProtocolError as err:
+            raise InvalidRequestError(f"the request is too large for the worker channel: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise InvalidRequestError(f"the request cannot be encoded for the worker: {err}") from err
+        self.writer.write(frame)
 
 
 class RunStream:
@@ -325,10 +346,18 @@ class RunStream:
         if self._done.is_set():  # aborted while waiting for the slot
             self._release()
             return
+        # From here on every way out ends the run (and so releases the client's slot): whatever `_submit_run`
+        # raises, a bug included, becomes this run's one error instead of a slot held forever.
         try:
             self._client._submit_run(self)
         except EngineError as err:
             self._fail(err)
+        except Exception as err:  # a bug must cost one request, not the slot
+            _LOGGER.exception("sending run %s to the rkllm worker failed", self.run_id)
+            self._fail(GenerationError(f"the run could not be sent to the worker: {type(err).__name__}: {err}"))
+        except BaseException:
+            self._fail(EngineUnavailableError("the run was cancelled while it was being sent"))
+            raise
 
     async def abort(self) -> None:
         """Stop the run; if the worker does not stop it within abort_grace_s, kill and restart the worker."""
@@ -527,8 +556,13 @@ class WorkerClient:
             python=_opt_str(reply.get("python")),
         )
 
-    async def stop(self) -> None:
-        """Shut the worker down and wait for it; leaves no process, task or connection behind."""
+    async def stop(self, abort_grace_s: float = STOP_ABORT_GRACE_S) -> None:
+        """Shut the worker down and wait for it; leaves no process, task or connection behind.
+
+        Bounded even when the runtime hangs: a run in flight gets `abort_grace_s` to honour its abort, then the
+        worker is killed (local) or the connection dropped (remote), so unloading or stopping Home Assistant
+        never waits on the NPU.
+        """
         self._stopping = True
         if self._restart_task is not None:
             self._restart_task.cancel()
@@ -536,15 +570,24 @@ class WorkerClient:
                 await self._restart_task
             self._restart_task = None
         session = self._session
+        kill = False
         if session is not None:
             session.intentional = True
-            for stream in list(session.streams.values()):
+            streams = list(session.streams.values())
+            for stream in streams:
                 with contextlib.suppress(EngineError):
                     session.send(protocol.request(protocol.OP_ABORT, next(self._request_ids), run=stream.run_id))
-            with contextlib.suppress(EngineError, TimeoutError, OSError):
-                async with asyncio.timeout(STOP_TIMEOUT_S / 2):
-                    await self._request(session, protocol.OP_SHUTDOWN, {})
-        await self._close_session(kill=False)
+            if streams:
+                try:
+                    async with asyncio.timeout(abort_grace_s):
+                        await asyncio.gather(*(stream._wait_done(None) for stream in streams))
+                except TimeoutError:
+                    kill = True
+            if not kill:
+                with contextlib.suppress(EngineError, TimeoutError, OSError):
+                    async with asyncio.timeout(STOP_TIMEOUT_S / 2):
+                        await self._request(session, protocol.OP_SHUTDOWN, {})
+        await self._close_session(kill=kill)
         if self._background:
             _, late = await asyncio.wait(list(self._background), timeout=EXIT_WAIT_S)
             for task in late:
@@ -576,12 +619,13 @@ class WorkerClient:
         if op in (protocol.OP_RUN, protocol.OP_AUTH) or op not in protocol.OPS:
             raise InvalidRequestError(f"op {op!r} cannot be sent with call(); use run() for generation")
         session = self._ready_session()
+        args = {key: c_text(value) if isinstance(value, str) else value for key, value in args.items()}
         try:
             async with asyncio.timeout(self._call_timeout_s):
                 return await self._request(session, op, args)
         except TimeoutError:
             message = f"the rkllm worker did not answer '{op}' within {self._call_timeout_s:g}s; worker killed"
-            await self._kill(session, message + "; restarting")
+            await self._kill(session, message)
             raise WorkerCrashedError(message + "; restarting") from None
 
     def run(
@@ -602,7 +646,7 @@ class WorkerClient:
         request = {
             "run": run_id,
             "role": role,
-            "text": text,
+            "text": c_text(text),
             "enable_thinking": enable_thinking,
             "keep_history": keep_history,
             "sampling": sampling_to_dict(sampling),
@@ -628,10 +672,7 @@ class WorkerClient:
             return "the rkllm worker is ready"
         reason = f": {self.last_error}" if self.last_error else ""
         if self.state == WorkerState.FAILED:
-            failures = self.consecutive_failures
-            if failures:
-                return f"the rkllm worker gave up after {failures} failures in a row{reason}"
-            return f"the rkllm worker failed to start{reason}"
+            return self.last_error or "the rkllm worker failed to start"
         if self.state == WorkerState.STOPPED:
             return "the rkllm worker is not running (stopped)"
         return f"the rkllm worker is {self.state}{reason}"
@@ -688,6 +729,7 @@ class WorkerClient:
             platform=_opt_str(reply.get("platform")),
             max_context_limit=_opt_int(reply.get("max_context_limit")),
             pid=_opt_int(reply.get("pid")),
+            toolkit_version=_opt_str(reply.get("toolkit_version")),
         )
         return self.info
 
@@ -941,7 +983,13 @@ class WorkerClient:
                 stream._fail(_error_from_reply(error if isinstance(error, dict) else {}, "run"))
 
         future.add_done_callback(on_reply)
-        session.send(protocol.request(protocol.OP_RUN, request_id, **stream._request))
+        try:
+            session.send(protocol.request(protocol.OP_RUN, request_id, **stream._request))
+        except BaseException:
+            session.pending.pop(request_id, None)
+            future.cancel()
+            session.streams.pop(stream.run_id, None)
+            raise
 
     async def _abort_run(self, stream: RunStream) -> None:
         session = stream._session
@@ -957,7 +1005,7 @@ class WorkerClient:
             session.send(protocol.request(protocol.OP_ABORT, next(self._request_ids), **args))
         if await stream._wait_done(grace):
             return
-        await self._kill(session, f"the rkllm worker did not honour abort within {grace:g}s; worker killed; restarting")
+        await self._kill(session, f"the rkllm worker did not honour abort within {grace:g}s; worker killed")
         await stream._wait_done(EXIT_WAIT_S + 1.0)
 
     async def _kill(self, session: _Session, reason: str) -> None:
@@ -988,8 +1036,10 @@ class WorkerClient:
             self._fail_waiters(session, EngineUnavailableError("the rkllm worker was stopped"))
             return
         launching = self._session is not session
+        action = ""  # what happens next, for the in-flight request's error (not kept in last_error)
         if session.kill_reason is not None:
             message = session.kill_reason
+            action = "reconnecting" if self.location.remote else "restarting"
         elif launching:
             lines = list(self._recent_log)
             last_line = logparse.last_problem_line(lines)
@@ -1003,18 +1053,23 @@ class WorkerClient:
             if self.location.remote:
                 what = f"remote rkllm worker {self.location.describe()} closed the connection"
                 what += f" ({problem})" if problem else ""
-                message = f"the {what}{' during generation' if in_flight else ''}; reconnecting"
+                message = f"the {what}{' during generation' if in_flight else ''}"
+                action = "reconnecting"
             else:
                 during = " during generation" if in_flight else ""
-                message = f"the rkllm worker crashed ({exit_text}){during}; restarting"
+                message = f"the rkllm worker crashed ({exit_text}){during}"
+                action = "restarting"
             if last_line:
                 message += f" (last runtime line: {last_line})"
         self.last_error = message
-        self._fail_waiters(session, WorkerCrashedError(message))
         if launching:
+            self._fail_waiters(session, WorkerCrashedError(message))
             return  # _launch's caller reports it
         self._session = None
         self._record_failure()
+        if self.state == WorkerState.FAILED:
+            action = "giving up"
+        self._fail_waiters(session, WorkerCrashedError(f"{message}; {action}" if action else message))
         if self.state == WorkerState.RESTARTING:
             self._schedule_restart()
 
@@ -1056,6 +1111,11 @@ class WorkerClient:
         self._failures.append(time.monotonic())
         self._prune_failures()
         if len(self._failures) >= self._max_failures:
+            last = self.last_error or "no reason recorded"
+            self.last_error = (
+                f"the rkllm worker failed {len(self._failures)} times in a row and is not restarted any more; "
+                f"last failure: {last}"
+            )
             self._set_state(WorkerState.FAILED)
         else:
             self._set_state(WorkerState.RESTARTING)

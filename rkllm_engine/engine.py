@@ -39,8 +39,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from rkllm_native import logparse
+from rkllm_native.soc import local_soc
 
-from .client import InitSpec, RunFinished, RunStream, WorkerClient, WorkerLocation, WorkerState
+from .client import InitSpec, RunFinished, RunStream, TextPiece, WorkerClient, WorkerLocation, WorkerState
 from .output import OutputParser, ParseResult
 from .prompting import ClearKV, PromptPlan, PromptPlanner, SetChatTemplate, SetFunctionTools, template_family
 from .scheduler import Scheduler, Ticket
@@ -59,7 +60,9 @@ from .types import (
     Sampling,
     TextDelta,
     Usage,
+    WorkerHungError,
 )
+from .watchdog import DEFAULT_FACTOR, DEFAULT_MIN_S, ProgressWatchdog, SilenceBound
 
 __all__ = ["Engine", "EngineConfig", "Generation", "WorkerLocation", "default_cpu_mask", "runtime_params"]
 
@@ -87,6 +90,9 @@ MAX_CPU_CORES: Final = 8
 TOOL_RESPONSE_TAG: Final = "tool_response"
 STOPPED_MESSAGE: Final = "the engine was stopped"
 WORKER_READY_TIMEOUT_S: Final = 120.0
+# After the worker client stopped (which kills a hung worker), the serving tasks end at once; this only bounds a bug.
+STOP_TASKS_TIMEOUT_S: Final = 5.0
+HUNG_RUN_ABORTED: Final = "the run is aborted (the worker is restarted if it hangs)"
 
 
 @dataclass
@@ -107,6 +113,8 @@ class EngineConfig:
     abort_grace_s: float = 5.0
     restart_backoff_s: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30)
     env: dict[str, str] = field(default_factory=dict)  # extra env for a local worker (e.g. RKLLM_EMULATOR_SPEED)
+    watchdog_min_s: float = DEFAULT_MIN_S  # a silent run is ended after max(this, factor * its expected step time)
+    watchdog_factor: float = DEFAULT_FACTOR
 
     def __post_init__(self) -> None:
         """Reject settings the runtime would refuse later with a less specific message."""
@@ -126,20 +134,13 @@ class EngineConfig:
             )
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        ProgressWatchdog(min_s=self.watchdog_min_s, factor=self.watchdog_factor)  # raises on a bad setting
 
 
 def local_platform() -> str | None:
-    """The SoC of this machine from the device tree (e.g. "RK3588"), or None when unknown."""
-    try:
-        with open("/proc/device-tree/compatible", "rb") as compatible:
-            entries = compatible.read().split(b"\0")
-    except OSError:
-        return None
-    for entry in entries:
-        vendor, _, chip = entry.decode("ascii", "replace").partition(",")
-        if vendor == "rockchip" and chip.startswith("rk") and chip[2:6].isdigit():
-            return chip[:6].upper()
-    return None
+    """The SoC of this machine from the device tree (e.g. "RK3588"), or None when unknown (`rkllm_native.soc`)."""
+    soc = local_soc()
+    return soc.upper() if soc is not None else None
 
 
 def default_cpu_mask(cpu_cores: int, platform: str | None) -> int:
@@ -185,6 +186,16 @@ def _sampling_dict(sampling: Sampling) -> dict[str, float | int] | None:
     return {**INIT_SAMPLING, **overrides} if overrides else None
 
 
+def _offered_tools(request: ChatRequest | CompletionRequest, plan: PromptPlan) -> tuple[tuple[str, ...] | None, bool]:
+    """The tool names a call may use, and whether the request forces a call (rule 6 in `rkllm_engine.output`)."""
+    if not isinstance(request, ChatRequest) or not plan.tools_enabled:
+        return None, False
+    if plan.forced_tool is not None:
+        return (plan.forced_tool,), True
+    names = _tool_names(json.dumps(request.tools))
+    return names, request.tool_choice == "required"
+
+
 def _tool_names(tools_json: str) -> tuple[str, ...]:
     """Names of the tools in an OpenAI tools JSON array (for the `tools_loaded` metric)."""
     try:
@@ -210,6 +221,65 @@ class _RunAccount:
     runtime_budget: int
     budget_hit: bool
     ttft_s: float | None
+
+
+@dataclass(slots=True)
+class _Consumed:
+    """What the engine saw of a run's pieces."""
+
+    pieces: int = 0
+    budget_hit: bool = False
+    first_event_at: float | None = None
+
+
+class _SilenceWatch:
+    """One run's silence: publishes a stall once the run is past its expected time, fires at the watchdog bound.
+
+    A fired watchdog's stall stays published after the run (health `degraded`) until a later run finishes or a
+    fresh worker is ready (docs/robustness.md §2, §4).
+    """
+
+    def __init__(self, engine: Engine, bound: SilenceBound) -> None:
+        self._engine = engine
+        self._bound = bound
+        self._since = time.monotonic()
+        self._stalled = False
+        self.fired: str | None = None
+
+    def wait_s(self) -> float:
+        """Seconds until the next threshold (stall, then fire) is reached."""
+        elapsed = time.monotonic() - self._since
+        threshold = self._bound.fire_after_s if self._stalled else self._bound.stall_after_s
+        return max(0.0, threshold - elapsed)
+
+    def on_silence(self) -> bool:
+        """A threshold passed without progress: publish the stall, or fire (returns True once, when it fires)."""
+        elapsed = time.monotonic() - self._since
+        expected = f"expected about {self._bound.expected_s:.1f} s"
+        if elapsed + 1e-3 >= self._bound.fire_after_s:
+            self.fired = (
+                f"no progress from the runtime for {elapsed:.0f} s ({expected}, watchdog bound "
+                f"{self._bound.fire_after_s:.0f} s)"
+            )
+            _LOGGER.warning("watchdog: %s; aborting the run", self.fired)
+            self._engine._set_stall(f"the watchdog ended a run: {self.fired}", fired=True)
+            return True
+        self._stalled = True
+        self._engine._set_stall(f"a run has produced nothing for {elapsed:.1f} s ({expected})")
+        return False
+
+    def on_progress(self, bound: SilenceBound) -> None:
+        """A token arrived: the silence starts over with the bound of the next step."""
+        self._since = time.monotonic()
+        self._bound = bound
+        if self._stalled:
+            self._stalled = False
+            self._engine._set_stall(None)
+
+    def close(self) -> None:
+        """The run ended: a plain stall is over; a fired watchdog stays visible."""
+        if self._stalled and self.fired is None:
+            self._engine._set_stall(None)
 
 
 class _End:
@@ -249,29 +319,33 @@ class Generation:
         return self
 
     async def __anext__(self) -> Event:
-        if self._pending:
-            return self._pending.popleft()
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._items.get()
-        except asyncio.CancelledError:
-            await self._cancel_and_wait()
-            raise
-        if isinstance(item, list):
-            self._pending.extend(item)
-            event = self._pending.popleft()
-            if isinstance(event, Finished):
+        if not self._pending:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                item = await self._items.get()
+            except asyncio.CancelledError:
+                await self._cancel_and_wait()
+                raise
+            if not isinstance(item, list):
                 self._done = True
-            return event
-        self._done = True
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
+                if isinstance(item, BaseException):
+                    raise item
+                raise StopAsyncIteration
+            self._pending.extend(item)
+        event = self._pending.popleft()
+        if isinstance(event, Finished):  # wherever it sits in its batch: nothing follows it
+            self._done = True
+        return event
 
     async def cancel(self) -> None:
-        """Stop this request: dequeue it, or abort its run and wait until the run has ended."""
-        await self._cancel_and_wait()
+        """Stop this request: dequeue it, or abort its run and wait until the run has ended.
+
+        After the generation delivered its end (Finished, or an error such as the watchdog's) there is nothing to
+        wait for: the engine finishes the run's clean-up itself, bounded by its abort watchdog.
+        """
+        if not self._done:
+            await self._cancel_and_wait()
         self._done = True
         self._pending.clear()
 
@@ -382,6 +456,7 @@ class Engine:
                 abi_profile=info.profile,
                 driver_version=info.driver_version,
                 platform=info.platform or platform,
+                toolkit_version=info.toolkit_version,
                 restarts=client.restarts,
                 last_error=None,
                 tools_loaded=(),
@@ -392,15 +467,24 @@ class Engine:
         self._scheduler.open()
 
     async def stop(self) -> None:
-        """Fail queued requests, abort the running one, shut the worker down; leave nothing behind."""
+        """Fail queued requests, abort the running one, shut the worker down; leave nothing behind.
+
+        Bounded whatever the runtime does: the worker client gives a running run a short grace to honour its
+        abort, then kills the worker (docs/robustness.md §6); the serving tasks end as their runs end.
+        """
         self._stopping = True
         self._scheduler.close(EngineUnavailableError(STOPPED_MESSAGE))
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
             await client.stop()
+        if self._tasks:
+            _, late = await asyncio.wait(list(self._tasks), timeout=STOP_TASKS_TIMEOUT_S)
+            for task in late:
+                _LOGGER.error("a generation task did not end after the worker stopped; cancelling it")
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         self._started = False
+        self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, stall=None, restarting=False))
         self._scheduler.set_base_state(EngineState.STOPPED)
 
     def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
@@ -426,6 +510,7 @@ class Engine:
         """Follow the worker: hold the queue while it restarts, close it when it failed for good."""
         client = self._client
         restarts = client.restarts if client is not None else self._scheduler.metrics.restarts
+        failures = client.consecutive_failures if client is not None else 0
         if state is WorkerState.RESTARTING:
             if self._planner is not None:
                 self._planner.invalidate()
@@ -434,6 +519,8 @@ class Engine:
                 dataclasses.replace(
                     self._scheduler.metrics,
                     restarts=restarts,
+                    consecutive_failures=failures,
+                    restarting=True,
                     tools_loaded=(),
                     kv_cache_tokens=None,
                     last_error=client.last_error if client is not None else None,
@@ -442,14 +529,25 @@ class Engine:
             if self._started:
                 self._scheduler.set_base_state(EngineState.LOADING)
         elif state is WorkerState.READY and self._started and not self._stopping:
-            self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, restarts=restarts))
+            self._scheduler.update_metrics(
+                dataclasses.replace(
+                    self._scheduler.metrics,
+                    restarts=restarts,
+                    consecutive_failures=failures,
+                    restarting=False,
+                    stall=None,  # a fresh worker: whatever hung is gone
+                )
+            )
             self._scheduler.set_base_state(EngineState.IDLE)
             self._scheduler.resume()
         elif state is WorkerState.FAILED and not self._stopping:
             reason = (client.last_error if client is not None else None) or self.last_problem() or "no reason recorded"
-            failures = client.consecutive_failures if client is not None else 0
-            message = f"the rkllm worker failed {failures} time(s) in a row and is unavailable: {reason}"
-            self._scheduler.close(EngineUnavailableError(message))
+            self._scheduler.close(EngineUnavailableError(reason))
+            self._scheduler.update_metrics(
+                dataclasses.replace(
+                    self._scheduler.metrics, consecutive_failures=failures, restarting=False, stall=None
+                )
+            )
             self._scheduler.set_base_state(EngineState.ERROR, last_error=reason)
             self._started = False  # FAILED is terminal for the client: the owner recovers with start()
 
@@ -474,21 +572,40 @@ class Engine:
         except EngineError as err:
             emit(err)
             return
+        # The ticket holds the slot now. This is the one place that gives it back: every way out of the run
+        # (a result, an engine error, a bug, a cancellation) passes the `finally`, which frees the slot first and
+        # then hands the caller exactly one outcome; `_execute` resets the planner on every way out but success.
+        outcome: _Item | None = _END
+        answered = False
+
+        def emit_run_events(item: _Item) -> None:
+            nonlocal answered
+            terminal = isinstance(item, BaseException) or (
+                isinstance(item, list) and any(isinstance(event, Finished) for event in item)
+            )
+            answered = answered or terminal
+            emit(item)
+
         try:
-            finished = await self._execute(request, ticket, emit)
+            finished = await self._execute(request, ticket, emit_run_events)
         except asyncio.CancelledError:
-            emit(_END)
             raise
+        except WorkerHungError as err:
+            outcome = err
         except EngineError as err:
-            emit(EngineUnavailableError(STOPPED_MESSAGE) if self._stopping else err)
-        except Exception as err:
+            outcome = EngineUnavailableError(STOPPED_MESSAGE) if self._stopping else err
+        except Exception as err:  # a bug costs this request, never the slot
             _LOGGER.exception("generation failed unexpectedly")
-            emit(GenerationError(f"the generation failed: {type(err).__name__}: {err}"))
+            outcome = GenerationError(f"the generation failed: {type(err).__name__}: {err}")
         else:
-            if not finished:
-                emit(EngineUnavailableError(STOPPED_MESSAGE) if self._stopping else _END)
+            if finished:
+                outcome = None  # Finished was emitted with the run's last events
+            elif self._stopping:
+                outcome = EngineUnavailableError(STOPPED_MESSAGE)
         finally:
             ticket.release()
+            if outcome is not None and not answered:  # after Finished the caller has its one outcome
+                emit(outcome)
 
     async def _execute(
         self, request: ChatRequest | CompletionRequest, ticket: Ticket, emit: Callable[[_Item], None]
@@ -603,41 +720,36 @@ class Engine:
 
         ticket.set_abort(abort_run)
         single_call = isinstance(request, ChatRequest) and not request.parallel_tool_calls
+        offered, forced = _offered_tools(request, plan)
         parser = OutputParser(
             tools_enabled=plan.tools_enabled,
             stop=request.stop,
             prefill=plan.prefill,
             max_tool_calls=1 if single_call else None,
+            tool_names=offered,
+            forced=forced,
         )
-        first_event_at: float | None = None
-        pieces = 0
-        budget_hit = stopping = False
+        watch = _SilenceWatch(self, self._watchdog().first_token(plan.estimated_prompt_tokens - cached_tokens))
         try:
-            async for piece in stream:
-                if stopping:
-                    continue  # the abort is on its way; these tokens belong to nobody
-                pieces += 1
-                events = parser.feed(piece.text)
-                if events:
-                    if first_event_at is None:
-                        first_event_at = time.monotonic()
-                    emit(events)
-                if parser.stop_matched:
-                    stopping = True
-                    abort_run()
-                elif enforce_budget and pieces >= budget:
-                    stopping = budget_hit = True
-                    abort_run()
+            seen = await self._consume(stream, parser, watch, emit, abort_run, budget if enforce_budget else None)
         except asyncio.CancelledError:
             await self._abort_after_cancel(stream, abort_task)
             raise
+        except EngineError as err:
+            if watch.fired is not None:  # the run failed because the watchdog killed its worker
+                raise WorkerHungError(f"{watch.fired}; {err}") from err
+            raise
         finally:
+            watch.close()
             if abort_task is not None:
                 with contextlib.suppress(Exception):
                     await abort_task
-        if ticket.abort_requested and not parser.stop_matched and not budget_hit:
+        if watch.fired is not None:
+            raise WorkerHungError(f"{watch.fired}; the run was aborted")
+        if ticket.abort_requested and not parser.stop_matched and not seen.budget_hit:
             return None  # cancelled by the caller (or by stop()): nothing more to report
         parse_result = parser.finish()
+        first_event_at = seen.first_event_at
         if first_event_at is None and parse_result.events:
             first_event_at = time.monotonic()
         ttft_s = first_event_at - granted_at if first_event_at is not None else None
@@ -646,15 +758,71 @@ class Engine:
             plan,
             parse_result,
             stream.finished,
-            _RunAccount(pieces, cached_tokens, runtime_budget, budget_hit, ttft_s),
+            _RunAccount(seen.pieces, cached_tokens, runtime_budget, seen.budget_hit, ttft_s),
         )
-        self._log_result(request, plan, parse_result)
+        self._check_result(request, plan, parse_result)
         self._scheduler.record_run(ttft_s=ttft_s, perf=finished.perf)
         # Before Finished: once the caller has it, the slot is released without another await.
         await self._refresh_kv_metric(client)
         emit([*parse_result.events, finished])
         natural_end = stream.finished is not None and not stream.finished.aborted
         return parse_result, natural_end
+
+    async def _consume(
+        self,
+        stream: RunStream,
+        parser: OutputParser,
+        watch: _SilenceWatch,
+        emit: Callable[[_Item], None],
+        abort_run: Callable[[], None],
+        budget: int | None,
+    ) -> _Consumed:
+        """Feed the run's pieces to the parser and emit its events, under the silence watch.
+
+        Stops taking pieces (and aborts the run) at a matched stop string, at `budget` pieces, or when the
+        watchdog fires; the run's end (finish, error) ends the loop.
+        """
+        seen = _Consumed()
+        stopping = False
+        pieces_left = aiter(stream)
+        pending: asyncio.Future[TextPiece] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(pieces_left))
+                done, _ = await asyncio.wait({pending}, timeout=None if stopping else watch.wait_s())
+                if not done:
+                    if watch.on_silence():  # the watchdog fired: abort; the client kills the worker if it ignores it
+                        stopping = True
+                        abort_run()
+                        # The caller learns it now, within the watchdog's bound; the slot stays held until the run
+                        # has really ended (abort honoured, or the worker killed after its grace).
+                        emit(WorkerHungError(f"{watch.fired}; {HUNG_RUN_ABORTED}"))
+                    continue
+                arrived, pending = pending, None
+                try:
+                    piece = arrived.result()
+                except StopAsyncIteration:
+                    return seen
+                if stopping:
+                    continue  # the abort is on its way; these tokens belong to nobody
+                watch.on_progress(self._watchdog().next_token())
+                seen.pieces += 1
+                events = parser.feed(piece.text)
+                if events:
+                    if seen.first_event_at is None:
+                        seen.first_event_at = time.monotonic()
+                    emit(events)
+                if parser.stop_matched:
+                    stopping = True
+                    abort_run()
+                elif budget is not None and seen.pieces >= budget:
+                    stopping = seen.budget_hit = True
+                    abort_run()
+        except asyncio.CancelledError:
+            if pending is not None:
+                pending.cancel()
+            raise
 
     def _finished_event(
         self,
@@ -684,6 +852,23 @@ class Engine:
             tool_calls=parse_result.tool_calls,
         )
 
+    def _watchdog(self) -> ProgressWatchdog:
+        """The watchdog's bounds from the user's settings and the latest measured rates."""
+        metrics = self._scheduler.metrics
+        return ProgressWatchdog(
+            min_s=self.config.watchdog_min_s,
+            factor=self.config.watchdog_factor,
+            prefill_tokens_per_s=metrics.prefill_tokens_per_s,
+            decode_tokens_per_s=metrics.decode_tokens_per_s,
+        )
+
+    def _set_stall(self, stall: str | None, *, fired: bool = False) -> None:
+        """Publish (or clear) the stall that makes the health `degraded`."""
+        metrics = self._scheduler.metrics
+        fired_count = metrics.watchdog_fired + (1 if fired else 0)
+        if metrics.stall != stall or fired:
+            self._scheduler.update_metrics(dataclasses.replace(metrics, stall=stall, watchdog_fired=fired_count))
+
     async def _abort_after_cancel(self, stream: RunStream, abort_task: asyncio.Task[None] | None) -> None:
         """The serving task itself was cancelled mid-run: abort and wait for the run to end."""
         try:
@@ -708,16 +893,19 @@ class Engine:
         return "stop"
 
     @staticmethod
-    def _log_result(request: ChatRequest | CompletionRequest, plan: PromptPlan, result: ParseResult) -> None:
+    def _check_result(request: ChatRequest | CompletionRequest, plan: PromptPlan, result: ParseResult) -> None:
+        """Log what the model got wrong; a forced tool choice without a call of an offered tool is an error."""
+        for name in result.unknown_calls:
+            _LOGGER.warning("the model called %r, a tool this request did not offer; the call was not returned", name)
         for raw in result.malformed_calls:
-            _LOGGER.warning("the model wrote a tool call that is not valid JSON; returned as text: %.200s", raw)
-        if not isinstance(request, ChatRequest) or result.tool_calls:
-            return
+            _LOGGER.warning("the model wrote a tool call that is not a valid call; returned as text: %.200s", raw)
+        if not isinstance(request, ChatRequest) or result.tool_calls or result.truncated_call:
+            return  # a call cut off by the token budget ends with finish_reason "length", as OpenAI's would
         if request.tool_choice not in ("auto", "none") and request.tools:
-            _LOGGER.warning(
-                "tool_choice=%r but the model produced no valid tool call (plan %s); answering with its text",
-                request.tool_choice,
-                plan.mode,
+            wrote = f"; it called {', '.join(map(repr, result.unknown_calls))}" if result.unknown_calls else ""
+            raise GenerationError(
+                f"tool_choice {request.tool_choice!r}: the model produced no valid call of an offered tool "
+                f"(plan {plan.mode}{wrote})"
             )
 
     async def _refresh_kv_metric(self, client: WorkerClient) -> None:

@@ -29,6 +29,13 @@ Behaviour, in the order it is applied to the model's output:
    name, non-object arguments) is not raised: its raw text joins the visible text at
    the place it occurred (so the user sees something) and is listed in
    `ParseResult.malformed_calls` for the caller to log.
+6. Model output is checked like client input (docs/robustness.md §5): with `tool_names`
+   given, a call must name one of them. A near miss (case, a ``functions.`` prefix, one
+   unambiguous close match) is repaired to the offered name; with `forced` (tool_choice
+   required or named) any other name is repaired to the most similar offered one (the
+   request demands a call of an offered tool; the client checks the arguments). Without
+   `forced` any other call is never emitted: its raw text is handled like a malformed
+   call. Unknown names are listed in `ParseResult.unknown_calls`.
 
 Any text that might be the start of a tag or of a stop string is held back and
 released only when it is known to be plain text (at the latest by `finish`).
@@ -36,6 +43,7 @@ released only when it is known to be plain text (at the latest by `finish`).
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import re
@@ -87,6 +95,7 @@ class ParseResult:
     stop_matched: bool
     truncated_call: bool  # the output ended inside an incomplete call (never emitted)
     malformed_calls: list[str] = field(default_factory=list)  # raw text of complete but invalid calls
+    unknown_calls: list[str] = field(default_factory=list)  # names of calls of tools that were not offered
 
 
 class _Mode(enum.Enum):
@@ -245,6 +254,8 @@ class OutputParser:
         max_tool_calls: int | None = None,
         new_call_id: Callable[[], str] = new_tool_call_id,
         in_think: bool = False,
+        tool_names: Sequence[str] | None = None,
+        forced: bool = False,
     ) -> None:
         if max_tool_calls is not None and max_tool_calls < 0:
             raise ValueError(f"max_tool_calls must be None or >= 0, got {max_tool_calls}")
@@ -252,6 +263,8 @@ class OutputParser:
         self._stops = tuple(s for s in stop if s)
         self._max_tool_calls = max_tool_calls
         self._new_call_id = new_call_id
+        self._tool_names = None if tool_names is None else tuple(tool_names)
+        self._forced = forced
         self._text_tags: tuple[str, ...] = (THINK_OPEN, THINK_CLOSE)
         if tools_enabled:
             self._text_tags += (TOOL_CALL_OPEN, FUNCTION_OPEN)
@@ -272,6 +285,7 @@ class OutputParser:
         self._reasoning_parts: list[str] = []
         self._tool_calls: list[ToolCall] = []
         self._malformed: list[str] = []
+        self._unknown: list[str] = []
         self._truncated_call = False
 
         if prefill:
@@ -317,6 +331,7 @@ class OutputParser:
             stop_matched=self._stop_matched,
             truncated_call=self._truncated_call,
             malformed_calls=list(self._malformed),
+            unknown_calls=list(self._unknown),
         )
 
     # -- stage 1: stop strings ------------------------------------------------------------
@@ -436,7 +451,10 @@ class OutputParser:
         elif self._mode is _Mode.THINK:
             self._emit_reasoning(buffer)
         elif self._mode is _Mode.CALL:
-            self._settle_call(TOOL_CALL_OPEN + buffer, buffer, at_end=True)
+            # The budget may cut the closing tag itself ("…}}\n</tool_"): the call before it is whole.
+            cut = _longest_partial_suffix(buffer.rstrip(), (TOOL_CALL_CLOSE,))
+            body = buffer.rstrip()[:-cut] if cut else buffer
+            self._settle_call(TOOL_CALL_OPEN + buffer, body, at_end=True)
         else:
             self._settle_call(FUNCTION_OPEN + buffer, FUNCTION_OPEN + buffer, at_end=True)
         self._mode = _Mode.TEXT
@@ -457,7 +475,35 @@ class OutputParser:
                 self._malformed.append(raw)
                 self._emit_text(raw)
             return
-        self._emit_call(*parsed)
+        name, arguments = parsed
+        offered = self._offered_name(name)
+        if offered is None:
+            self._unknown.append(name)
+            if not self._forced:
+                self._malformed.append(raw)
+                self._emit_text(raw)
+            return
+        self._emit_call(offered, arguments)
+
+    def _offered_name(self, name: str) -> str | None:
+        """The offered tool a call means, or None when it names none of them (rule 6 of the module docstring)."""
+        names = self._tool_names
+        if names is None or name in names:
+            return name
+        by_lower = {offered.lower(): offered for offered in names}
+        for candidate in (name.strip(), name.strip().rsplit(".", 1)[-1]):
+            if candidate in names:
+                return candidate
+            if candidate.lower() in by_lower:
+                return by_lower[candidate.lower()]
+        close = difflib.get_close_matches(name, names, n=2, cutoff=0.85)
+        if len(close) == 1:
+            return close[0]
+        if self._forced and names:
+            # The request demands a call of an offered tool and the model wrote a call: the offered name most
+            # like the one it wrote (the first offered on a tie) keeps the contract; the client checks arguments.
+            return max(names, key=lambda offered: difflib.SequenceMatcher(None, name, offered).ratio())
+        return None
 
     # -- emission -------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ HISTORY_HEADER = "Conversation so far:"
 TOOL_RESULTS_CLOSING = "Reply to the user's last message using the tool results above."
 JSON_MODE_INSTRUCTION = "Reply with one JSON object only, no code fences."
 REQUIRED_TOOL_INSTRUCTION = "Answer with at least one tool call."
+# [Inf] The runtime parses the tools JSON with a nesting limit (the emulator's is 64 for the whole array); one tool
+# object nested at most this deep keeps every request far below it (docs/robustness.md §3).
+MAX_TOOL_SCHEMA_DEPTH = 32
 
 # Qwen 2.5's tools block (openai-api.md §3.1); each tool is one JSON line between the tags.
 _TOOLS_BLOCK_HEAD = (
@@ -318,16 +321,48 @@ def _split_conversation(messages: list[ChatMessage]) -> _Conversation:
     )
 
 
+def nesting_depth(value: Any) -> int:
+    """How deeply JSON-like `value` nests (a scalar is 0, `{}` and `[]` are 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _tool_names(tools: list[Any]) -> tuple[str, ...]:
-    """Validate OpenAI function tools (untrusted JSON, whatever the annotation says) and return their names."""
+    """Validate OpenAI function tools (untrusted JSON, whatever the annotation says) and return their names.
+
+    A tool the runtime could not take is the request's fault and is refused naming it: its parameters schema
+    may nest at most `MAX_TOOL_SCHEMA_DEPTH` levels (docs/robustness.md §3).
+    """
     names: list[str] = []
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-            raise InvalidRequestError(f'tools[{index}]: expected {{"type": "function", "function": {{...}}}}')
+            raise InvalidRequestError(
+                f'tools[{index}]: expected {{"type": "function", "function": {{...}}}}', param=f"tools[{index}]"
+            )
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidRequestError(f"tools[{index}]: the function has no name")
+            raise InvalidRequestError(
+                f"tools[{index}]: the function has no name", param=f"tools[{index}].function.name"
+            )
+        depth = nesting_depth(tool)
+        if depth > MAX_TOOL_SCHEMA_DEPTH:
+            raise InvalidRequestError(
+                f"tools[{index}] ({name}) nests {depth} levels deep; the runtime takes tools nested at most "
+                f"{MAX_TOOL_SCHEMA_DEPTH} levels",
+                param=f"tools[{index}].function.parameters",
+            )
         names.append(name)
     return tuple(names)
 

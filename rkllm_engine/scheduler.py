@@ -276,6 +276,8 @@ class Scheduler:
                 prefill_tokens_per_s=prefill_rate if prefill_rate is not None else metrics.prefill_tokens_per_s,
                 decode_tokens_per_s=decode_rate if decode_rate is not None else metrics.decode_tokens_per_s,
                 requests_served=metrics.requests_served + 1,
+                stall=None,  # a run got to its end: whatever stalled before is over
+                consecutive_failures=0,  # and the worker works: a crash streak ends (as in the worker client)
             )
         )
 

@@ -181,6 +181,9 @@ Event = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | ToolCal
 # ---------------------------------------------------------------------------
 
 
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "loading"]
+
+
 class EngineState(enum.StrEnum):
     """What the NPU slot is doing, for /health and the status sensor."""
 
@@ -210,6 +213,11 @@ class EngineMetrics:
     platform: str | None = None
     last_error: str | None = None
     tools_loaded: tuple[str, ...] = ()
+    consecutive_failures: int = 0  # worker crashes, kills and failed restarts since the last finished run
+    restarting: bool = False  # the worker died after it had been ready and is being brought back
+    stall: str | None = None  # a run is past its expected time (or the watchdog just ended one): why
+    watchdog_fired: int = 0  # runs the no-progress watchdog ended since the engine started
+    toolkit_version: str | None = None  # rkllm-toolkit version the loaded model was converted with
 
     @property
     def kv_usage(self) -> float | None:
@@ -217,6 +225,34 @@ class EngineMetrics:
         if self.kv_cache_tokens is None or not self.context_length:
             return None
         return self.kv_cache_tokens / self.context_length
+
+    @property
+    def health(self) -> HealthStatus:
+        """One word for /health, the status sensor and diagnostics (docs/robustness.md §4).
+
+        healthy: a request would be served now. degraded: served, but something is wrong right now (a run is
+        past its expected time, the watchdog ended one, the worker is restarting). unhealthy: nothing is served
+        until someone acts (crash loop, init failure) or the engine is stopped. loading: the first load.
+        """
+        if self.state in (EngineState.ERROR, EngineState.STOPPED):
+            return "unhealthy"
+        if self.state is EngineState.LOADING:
+            return "degraded" if self.restarting else "loading"
+        return "degraded" if self.stall else "healthy"
+
+    @property
+    def health_reason(self) -> str | None:
+        """Why the health is not `healthy` (None when it is)."""
+        health = self.health
+        if health == "healthy":
+            return None
+        if health == "degraded" and self.stall and not self.restarting:
+            return self.stall
+        if health == "loading":
+            return "the model is loading"
+        if self.state is EngineState.STOPPED:
+            return "the engine is stopped"
+        return self.last_error or self.stall or "no reason recorded"
 
 
 # ---------------------------------------------------------------------------
@@ -308,6 +344,12 @@ class ContextOverflowError(EngineError):
         self.context_length = context_length
 
 
+class WorkerHungError(EngineError):
+    """The no-progress watchdog ended this run: no token, no finish within its bound (docs/robustness.md §2)."""
+
+    code = "worker_hung"
+
+
 class GenerationError(EngineError):
     """The runtime reported an error state for this run."""
 
@@ -315,6 +357,14 @@ class GenerationError(EngineError):
 
 
 class InvalidRequestError(EngineError):
-    """The request cannot be served as given (e.g. a forced tool that is not offered)."""
+    """The request cannot be served as given (e.g. a forced tool that is not offered).
+
+    `param` names the offending part of the request when it is known (`tools[2].function.parameters`), for the
+    API's error body.
+    """
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

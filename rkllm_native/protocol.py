@@ -112,9 +112,26 @@ class SecretFileError(Exception):
 # ---------------------------------------------------------------------------
 
 
+def scrub_text(text: str) -> str:
+    """`text` as valid Unicode: each lone UTF-16 surrogate becomes U+FFFD (as a browser's TextEncoder does).
+
+    Python strings may hold lone surrogates (the JSON escape of U+D800 decodes to one), which UTF-8 cannot encode;
+    the runtime takes UTF-8 C strings, so they are replaced here, once, for every frame (docs/robustness.md §3).
+    """
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
-    """Serialise one message; refuses frames the peer would reject so the error shows on the sending side."""
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Serialise one message; refuses frames the peer would reject so the error shows on the sending side.
+
+    Never raises for the text a message carries: lone surrogates are replaced (`scrub_text`). Only a frame over
+    `MAX_FRAME_BYTES` raises `ProtocolError`.
+    """
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError:
+        payload = scrub_text(text).encode("utf-8")
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return HEADER.pack(len(payload)) + payload

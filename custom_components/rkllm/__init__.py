@@ -29,6 +29,7 @@ from homeassistant.util.hass_dict import HassKey
 from rkllm_engine.client import start_error_from_binding
 from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
 from rkllm_engine.types import EngineError, EngineUnavailableError, RuntimeIncompatibleError
+from rkllm_native import catalog as fetch_catalog
 from rkllm_native import detect
 from rkllm_native.errors import NotRkllmLibraryError, RkllmError
 
@@ -41,8 +42,10 @@ from .const import (
     CONF_CPU_CORES,
     CONF_LIBRARY_PATH,
     CONF_MODEL_PATH,
+    CONF_MODEL_SOURCE,
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
+    CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_ENV,
     CONF_WORKER_HOST,
@@ -51,11 +54,14 @@ from .const import (
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_CPU_CORES,
     DEFAULT_NPU_DOMAIN_ID,
+    DEFAULT_WATCHDOG_S,
     DOMAIN,
     ENGINE_START_TIMEOUT_S,
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_MODEL_TOOLKIT_NEWER,
     LOGGER,
     WORKER_REMOTE,
 )
@@ -97,6 +103,7 @@ def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
         platform=platform,
         worker=worker,
         env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
+        watchdog_min_s=float(data.get(CONF_WATCHDOG_S, DEFAULT_WATCHDOG_S)),
     )
 
 
@@ -175,13 +182,51 @@ async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, er
         translation_key = "setup_model_platform_mismatch"
     elif err.reason == "protocol_mismatch":
         translation_key = "setup_worker_failed"
-    else:  # model_invalid, init_failed: the message names the file or setting to fix
+    elif (toolkit := fetch_catalog.toolkit_version_refused(err.details.get("runtime_line", ""))) is not None:
+        await _async_raise_toolkit_issue(hass, entry, toolkit, err.details.get("runtime_line", message), None)
+        translation_key = "setup_model_toolkit_newer"
+    else:  # model_invalid, init_failed: the message names the file or setting to fix; a retry may do after that
+        placeholders = {"model": str(entry.data.get(CONF_MODEL_PATH)), "error": message}
+        await _async_raise_setup_issue(hass, entry, ISSUE_MODEL_LOAD_FAILED, placeholders)
         translation_key = "setup_model_invalid"
     raise ConfigEntryError(
         translation_domain=DOMAIN,
         translation_key=translation_key,
         translation_placeholders={"error": message},
     ) from err
+
+
+def _local_runtime_version(library_path: str) -> str | None:
+    """The version of a local library file (None when it cannot be read); blocking."""
+    try:
+        return detect.identify_library(library_path).version
+    except RkllmError:
+        return None
+
+
+async def _async_raise_toolkit_issue(
+    hass: HomeAssistant, entry: ConfigEntry, toolkit_version: str, error: str, runtime_version: str | None
+) -> None:
+    """The model needs a newer runtime than the entry's: say which release to install (docs/runtime.md §7)."""
+    library = str(entry.data.get(CONF_LIBRARY_PATH, ""))
+    if runtime_version is None and entry.data.get(CONF_WORKER) != WORKER_REMOTE:
+        runtime_version = await hass.async_add_executor_job(_local_runtime_version, library)
+    catalog = await hass.async_add_executor_job(fetch_catalog.load_catalog)
+    release = catalog.runtime_at_least(toolkit_version)
+    placeholders = {
+        "model": str(entry.data.get(CONF_MODEL_PATH)),
+        "library": library,
+        "toolkit_version": toolkit_version,
+        "runtime_version": runtime_version or "",
+        "required_version": release.version if release is not None else toolkit_version,
+        "release": (
+            f"airockchip/rknn-llm {release.tag}"
+            if release is not None
+            else "no librkllmrt that rkllm supports is that new yet; convert the model with an older rkllm-toolkit"
+        ),
+        "error": error,
+    }
+    await _async_raise_setup_issue(hass, entry, ISSUE_MODEL_TOOLKIT_NEWER, placeholders)
 
 
 async def _async_start_engine_once_busy_clears(engine: Engine) -> None:
@@ -232,6 +277,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
             translation_key="setup_model_invalid",
             translation_placeholders={"error": str(err)},
         ) from err
+    from .repairs import async_take_gave_up
+
+    if (gave_up := async_take_gave_up(hass, entry.entry_id)) is not None:
+        # The engine gave up after a crash loop and the tracker reloaded the entry: it stays in this error state
+        # until the user retries (the repair's fix flow, a reload after fixing the cause, a changed setting).
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key="setup_crash_loop",
+            translation_placeholders={"error": gave_up},
+        )
     if config.worker.host is None:
         await _async_check_local_files(hass, entry, config)
     engine = Engine(config)
@@ -244,6 +299,8 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
         model_id=model_id_for(config.model_path),
         runtime_version=metrics.runtime_version,
         abi_profile=metrics.abi_profile,
+        toolkit_version=metrics.toolkit_version,
+        model_source=entry.data.get(CONF_MODEL_SOURCE),
     )
     _engine_data_by_entry(hass)[entry.entry_id] = dict(entry.data)
 
@@ -251,6 +308,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
 
     try:
         await async_clear_setup_issues(hass, entry)
+        if fetch_catalog.toolkit_newer_than_runtime(metrics.toolkit_version, metrics.runtime_version):
+            # [Inf] The runtime refuses such models itself (docs/runtime.md §7); one that loads (an ABI override on
+            # an unknown version) still gets the issue, since generation may misbehave.
+            await _async_raise_toolkit_issue(
+                hass,
+                entry,
+                str(metrics.toolkit_version),
+                f"the model reports rkllm-toolkit {metrics.toolkit_version}, the runtime is {metrics.runtime_version}",
+                metrics.runtime_version,
+            )
         await hass.config_entries.async_forward_entry_setups(entry, entry_platforms())
         entry.async_on_unload(async_track_issues(hass, entry))
     except BaseException:

@@ -298,3 +298,16 @@ def assistant_delta(
     if not delta:
         return None
     return cast(conversation.AssistantContentDeltaDict, delta)
+
+
+def report_flow_progress(flow: object, fraction: float) -> bool:
+    """Move a config flow's progress bar where Home Assistant has one (`FlowHandler.async_update_progress`).
+
+    2025.4 has no progress fraction; there the progress step's text carries the percentage instead. Returns
+    whether a bar was updated.
+    """
+    update: Callable[[float], None] | None = getattr(flow, "async_update_progress", None)
+    if update is None:
+        return False
+    update(min(1.0, max(0.0, fraction)))
+    return True

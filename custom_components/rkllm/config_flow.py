@@ -19,7 +19,6 @@ from homeassistant.config_entries import (
     SOURCE_USER,
     ConfigEntry,
     ConfigEntryState,
-    ConfigFlow,
     ConfigFlowResult,
     ConfigSubentryData,
     ConfigSubentryFlow,
@@ -44,6 +43,7 @@ from homeassistant.helpers.selector import (
 )
 
 from rkllm_native import detect
+from rkllm_native import soc as soc_detect
 from rkllm_native.errors import InvalidProfileError, LibraryNotFoundError, ProfileMismatchError, RkllmError
 
 from .compat import HAS_AI_TASK, llm_api_ids
@@ -66,6 +66,7 @@ from .const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
+    CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_HOST,
     CONF_WORKER_PORT,
@@ -84,8 +85,10 @@ from .const import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    DEFAULT_WATCHDOG_S,
     DEFAULT_WORKER_PORT,
     DOMAIN,
+    DOWNLOAD_FOLDER,
     MAX_CONTEXT_LENGTH,
     MIN_CONTEXT_LENGTH,
     PLATFORMS_SUPPORTED,
@@ -94,6 +97,7 @@ from .const import (
     WORKER_LOCAL,
     WORKER_REMOTE,
 )
+from .download_flow import DownloadConfigFlow
 
 # The usual places librkllmrt.so is installed to (Rockchip's install script, distro packages, Armbian/Ubuntu
 # Rockchip images, rkllama-style /opt layouts); the first that exists is suggested.
@@ -107,7 +111,7 @@ LIBRARY_CANDIDATES: Final = (
     "/opt/rknn-llm/rkllm-runtime/Linux/librkllm_api/aarch64/librkllmrt.so",
 )
 MODEL_DIRECTORIES: Final = ("/opt/rkllm/models", "/usr/share/rkllm/models", "/opt/rkllm")
-DEVICE_TREE_COMPATIBLE: Final = "/proc/device-tree/compatible"
+DEVICE_TREE_COMPATIBLE: Final = soc_detect.DEVICE_TREE_COMPATIBLE
 EMULATOR_MODEL_HEADER: Final = "rkllm-emulator-model 1"
 # The smallest published RKLLM models (Qwen2 0.5B w8a8) are about 0.5 GB. A ".rkllm" file under 16 MiB is a
 # placeholder, an HTML error page saved under the model's name, or a truncated download - never a model.
@@ -170,17 +174,9 @@ def suggest_model_path(library_path: str) -> str:
 
 
 def detect_platform(compatible_path: str = DEVICE_TREE_COMPATIBLE) -> str | None:
-    """The SoC from the device tree's NUL-separated `compatible` list (e.g. `rockchip,rk3588s` → rk3588)."""
-    try:
-        raw = Path(compatible_path).read_bytes()
-    except OSError:
-        return None
-    for entry in raw.split(b"\0"):
-        text = entry.decode("ascii", "replace").lower()
-        for platform in PLATFORMS_SUPPORTED:
-            if text.startswith(f"rockchip,{platform}"):
-                return platform
-    return None
+    """The supported SoC from the device tree's `compatible` list (e.g. `rockchip,rk3588s` → rk3588), else None."""
+    found = soc_detect.local_soc(compatible_path)
+    return found if found in PLATFORMS_SUPPORTED else None
 
 
 def model_file_problem(path: str) -> tuple[str, str] | None:
@@ -224,6 +220,8 @@ def _select(options: tuple[str, ...], translation_key: str) -> SelectSelector:
     )
 
 
+MIN_WATCHDOG_S: Final = 2
+MAX_WATCHDOG_S: Final = 600
 ENTRY_SCHEMA: Final = vol.Schema(
     {
         vol.Required(CONF_LIBRARY_PATH): TextSelector(),
@@ -233,6 +231,7 @@ ENTRY_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_CPU_CORES): _number(1, 8),
         vol.Required(CONF_NPU_DOMAIN_ID): _number(0, 15),
         vol.Required(CONF_ABI_PROFILE): _select(ABI_PROFILES, "abi_profile"),
+        vol.Optional(CONF_WATCHDOG_S): _number(MIN_WATCHDOG_S, MAX_WATCHDOG_S),
         vol.Required(CONF_WORKER): _select((WORKER_LOCAL, WORKER_REMOTE), "worker"),
     }
 )
@@ -247,7 +246,7 @@ REMOTE_SCHEMA: Final = vol.Schema(
 REAUTH_SCHEMA: Final = vol.Schema(
     {vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))}
 )
-_INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT)
+_INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT, CONF_WATCHDOG_S)
 _REMOTE_FIELDS: Final = (CONF_WORKER_HOST, CONF_WORKER_PORT, CONF_WORKER_SECRET)
 
 
@@ -291,8 +290,8 @@ def default_ai_task_options() -> dict[str, Any]:
     }
 
 
-class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
-    """Set up one runtime + model; remote workers get a second step."""
+class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
+    """Set up one runtime + model from files already there or downloaded; remote workers get a second step."""
 
     VERSION = 1
     MINOR_VERSION = 1
@@ -301,8 +300,27 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
         self._pending: dict[str, Any] = {}
 
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Two ways in: the runtime and model are already on the machine, or the flow downloads them."""
+        return self.async_show_menu(step_id="user", menu_options=["files", "download"])
+
+    async def async_step_files(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for library, model, platform and tuning; validate local setups at once."""
-        return await self._async_entry_step("user", user_input)
+        return await self._async_entry_step("files", user_input)
+
+    def _download_library_candidates(self) -> list[str]:
+        """Installed libraries first, then runtimes an earlier download fetched (newest first), then the emulator."""
+        runtimes = Path(self.hass.config.path(DOWNLOAD_FOLDER)) / "runtime"
+        fetched = sorted(runtimes.glob("*/librkllmrt.so"), key=lambda path: path.parent.name, reverse=True)
+        emulator = emulator_library_path()
+        return [
+            *LIBRARY_CANDIDATES,
+            *(str(path) for path in fetched),
+            *([str(emulator)] if emulator is not None else []),
+        ]
+
+    def _download_soc(self) -> str | None:
+        """This board's SoC from the device tree (any Rockchip chip, so an unsupported one can be named)."""
+        return soc_detect.local_soc(DEVICE_TREE_COMPATIBLE)
 
     async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Change runtime or model of an existing entry, with the same validation."""
@@ -386,7 +404,7 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
 
     async def _async_suggested_entry_values(self) -> dict[str, Any]:
         if self.source == SOURCE_RECONFIGURE:
-            return dict(self._get_reconfigure_entry().data)
+            return {CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
         library = await self.hass.async_add_executor_job(suggest_library_path)
         model = await self.hass.async_add_executor_job(suggest_model_path, library)
         platform = await self.hass.async_add_executor_job(detect_platform, DEVICE_TREE_COMPATIBLE)
@@ -398,6 +416,7 @@ class RkllmConfigFlow(ConfigFlow, domain=DOMAIN):
             CONF_CPU_CORES: DEFAULT_CPU_CORES,
             CONF_NPU_DOMAIN_ID: DEFAULT_NPU_DOMAIN_ID,
             CONF_ABI_PROFILE: ABI_PROFILE_AUTO,
+            CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S,
             CONF_WORKER: WORKER_LOCAL,
         }
 

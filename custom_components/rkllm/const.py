@@ -14,12 +14,15 @@ CONF_MODEL_PATH: Final = "model_path"
 CONF_PLATFORM: Final = "platform"
 CONF_CONTEXT_LENGTH: Final = "context_length"
 CONF_CPU_CORES: Final = "cpu_cores"
+CONF_WATCHDOG_S: Final = "watchdog_s"
 CONF_NPU_DOMAIN_ID: Final = "npu_domain_id"
 CONF_ABI_PROFILE: Final = "abi_profile"
 CONF_WORKER: Final = "worker"
 CONF_WORKER_HOST: Final = "worker_host"
 CONF_WORKER_PORT: Final = "worker_port"
 CONF_WORKER_SECRET: Final = "worker_secret"  # noqa: S105 - a config key, not a secret
+# Where a downloaded model came from (its page or URL); shown on the entry's device.
+CONF_MODEL_SOURCE: Final = "model_source"
 # Extra environment for a local worker (not offered in the UI; used by the dev setup and the tests, e.g.
 # {"RKLLM_EMULATOR_SPEED": "50"}).
 CONF_WORKER_ENV: Final = "worker_env"
@@ -35,6 +38,8 @@ DEFAULT_CONTEXT_LENGTH: Final = 4096
 MIN_CONTEXT_LENGTH: Final = 512
 MAX_CONTEXT_LENGTH: Final = 32768
 DEFAULT_CPU_CORES: Final = 4
+# Seconds a run may stay silent past max(this, 3 x its expected step) before the watchdog ends it.
+DEFAULT_WATCHDOG_S: Final = 10
 DEFAULT_NPU_DOMAIN_ID: Final = 0
 DEFAULT_WORKER_PORT: Final = 8765
 
@@ -67,6 +72,8 @@ DEFAULT_MAX_TOOL_ITERATIONS: Final = 5
 DEFAULT_CONVERSATION_NAME: Final = "RKLLM conversation"
 DEFAULT_AI_TASK_NAME: Final = "RKLLM AI Task"
 DEFAULT_TITLE: Final = "RKLLM"
+# Downloads (models, runtimes) go to this folder of the Home Assistant configuration directory.
+DOWNLOAD_FOLDER: Final = "rkllm"
 
 # Model load on a board takes seconds (rkllm-runtime.md §10); a worker that needs longer is treated as not ready.
 ENGINE_START_TIMEOUT_S: Final = 120.0
@@ -77,5 +84,7 @@ REMOTE_PROBE_TIMEOUT_S: Final = 10.0
 ISSUE_LIBRARY_MISSING: Final = "library_missing"
 ISSUE_LIBRARY_UNSUPPORTED: Final = "library_unsupported"
 ISSUE_MODEL_PLATFORM_MISMATCH: Final = "model_platform_mismatch"
+ISSUE_MODEL_TOOLKIT_NEWER: Final = "model_toolkit_newer"
+ISSUE_MODEL_LOAD_FAILED: Final = "model_load_failed"
 
 AGENT_MODEL_PREFIX: Final = "rkllm-agent-"

@@ -18,6 +18,8 @@ class RkllmRuntimeData:
     model_id: str  # raw model id for /v1/models: slug of the model file stem
     runtime_version: str | None
     abi_profile: str | None
+    toolkit_version: str | None = None  # rkllm-toolkit the model was converted with (the runtime's init line)
+    model_source: str | None = None  # where a downloaded model came from (its page or URL)
 
 
 type RkllmConfigEntry = ConfigEntry[RkllmRuntimeData]

@@ -68,6 +68,11 @@ async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: ConfigE
         "runtime_version": runtime.runtime_version,
         "abi_profile": runtime.abi_profile,
     }
-    diagnostics["metrics"] = {**dataclasses.asdict(metrics), "kv_usage": metrics.kv_usage}
+    diagnostics["metrics"] = {
+        **dataclasses.asdict(metrics),
+        "kv_usage": metrics.kv_usage,
+        "health": metrics.health,
+        "health_reason": metrics.health_reason,
+    }
     diagnostics["recent_log"] = [redact_log_line(line) for line in runtime.engine.recent_log()]
     return diagnostics

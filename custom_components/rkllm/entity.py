@@ -86,7 +86,7 @@ from .const import (
     DOMAIN,
     LOGGER,
 )
-from .data import RkllmConfigEntry
+from .data import RkllmConfigEntry, RkllmRuntimeData
 
 # HA's rendered date/time prompt (helpers/llm.py BASE_PROMPT / DATE_TIME_PROMPT), one line.
 DATE_TIME_LINE: Final = re.compile(
@@ -97,7 +97,15 @@ _CODE_FENCE: Final = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL
 MAX_TOOL_ERROR_CHARS: Final = 200
 # Translation keys of the engine's error codes (types.py `EngineError.code`).
 ENGINE_ERROR_KEYS: Final = frozenset(
-    {"queue_full", "unavailable", "worker_crashed", "context_length_exceeded", "generation_error", "invalid_request"}
+    {
+        "queue_full",
+        "unavailable",
+        "worker_crashed",
+        "worker_hung",
+        "context_length_exceeded",
+        "generation_error",
+        "invalid_request",
+    }
 )
 
 
@@ -656,17 +664,37 @@ def structured_output(structure: vol.Schema, chat_log: conversation.ChatLog) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def model_description(runtime: RkllmRuntimeData) -> str:
+    """The device's model line: the model file and the rkllm-toolkit it was converted with, when reported."""
+    if runtime.toolkit_version:
+        return f"{runtime.model_name} (rkllm-toolkit {runtime.toolkit_version})"
+    return runtime.model_name
+
+
+def model_source_url(runtime: RkllmRuntimeData) -> str | None:
+    """A downloaded model's source page, as the device's link (only web addresses; HA validates the scheme)."""
+    source = runtime.model_source
+    return source if source and source.startswith(("https://", "http://")) else None
+
+
 def runtime_device_info(entry: RkllmConfigEntry) -> dr.DeviceInfo:
-    """The device of the runtime + model itself (its sensors hang here; each agent has its own device)."""
+    """The device of the runtime + model itself (its sensors hang here; each agent has its own device).
+
+    It shows the model and the toolkit that converted it, the runtime version (as the software version) and, for
+    a downloaded model, the page it came from.
+    """
     runtime = entry.runtime_data
-    return dr.DeviceInfo(
+    info = dr.DeviceInfo(
         identifiers={(DOMAIN, entry.entry_id)},
         name=entry.title,
         manufacturer="Rockchip",
-        model=runtime.model_name,
+        model=model_description(runtime),
         sw_version=runtime.runtime_version,
         entry_type=dr.DeviceEntryType.SERVICE,
     )
+    if (source := model_source_url(runtime)) is not None:
+        info["configuration_url"] = source
+    return info
 
 
 class RkllmBaseLLMEntity(Entity):
@@ -685,7 +713,7 @@ class RkllmBaseLLMEntity(Entity):
             identifiers={(DOMAIN, subentry.subentry_id)},
             name=subentry.title,
             manufacturer="Rockchip",
-            model=runtime.model_name,
+            model=model_description(runtime),
             sw_version=runtime.runtime_version,
             entry_type=dr.DeviceEntryType.SERVICE,
         )

@@ -52,20 +52,24 @@ from rkllm_engine.types import (
     EngineUnavailableError,
     Event,
     Finished,
+    InvalidRequestError,
     Perf,
     QueueFullError,
     ReasoningDelta,
     TextDelta,
+    WorkerHungError,
 )
 
 from .agent_api import AgentDelta, AgentRequestError, agent_models, async_run_agent
 from .const import DOMAIN
 from .data import RkllmRuntimeData
 from .openai_schemas import (
+    MAX_BODY_BYTES,
     ModelListObject,
     ModelObject,
     OpenAIError,
     ParsedChat,
+    body_too_large,
     parse_body,
     parse_chat_request,
     parse_completion_request,
@@ -189,8 +193,16 @@ def engine_error(err: EngineError, *, prompt_param: str) -> OpenAIError:
         if err.context_length is not None:
             message = f"This model's maximum context length is {err.context_length} tokens: {message}"
         return OpenAIError(message, param=prompt_param, code="context_length_exceeded")
-    if err.code == "invalid_request":
-        return OpenAIError(str(err), code="invalid_value")
+    if isinstance(err, WorkerHungError):
+        return OpenAIError(
+            str(err),
+            status=HTTPStatus.SERVICE_UNAVAILABLE,
+            error_type="unavailable_error",
+            code=err.code,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
+    if isinstance(err, InvalidRequestError):
+        return OpenAIError(str(err), param=err.param, code="invalid_value")
     return OpenAIError(str(err), status=HTTPStatus.INTERNAL_SERVER_ERROR, error_type="server_error", code=err.code)
 
 
@@ -204,6 +216,19 @@ def _agent_error(err: HomeAssistantError) -> OpenAIError:
     return OpenAIError(
         str(err) or type(err).__name__, status=HTTPStatus.INTERNAL_SERVER_ERROR, error_type="server_error"
     )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The body, refused with an OpenAI-shaped 413 past `MAX_BODY_BYTES` (aiohttp's own limit answers in text)."""
+    announced = request.content_length
+    if announced is not None and announced > MAX_BODY_BYTES:
+        raise body_too_large(announced)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise body_too_large(announced)
+    return bytes(body)
 
 
 async def _check_auth(request: web.Request) -> web.Response | None:
@@ -515,7 +540,7 @@ class ChatCompletionsView(_TokenView):
             return denied
         hass = request.app[KEY_HASS]
         try:
-            parsed = parse_chat_request(parse_body(await request.read()))
+            parsed = parse_chat_request(parse_body(await _read_body(request)))
             source, model_id = self._source(hass, request, parsed)
         except OpenAIError as err:
             return _error_response(err)
@@ -559,7 +584,7 @@ class CompletionsView(_TokenView):
             return denied
         hass = request.app[KEY_HASS]
         try:
-            parsed = parse_completion_request(parse_body(await request.read()))
+            parsed = parse_completion_request(parse_body(await _read_body(request)))
             _refuse_agent_model(hass, parsed.model)
             runtime = _raw_runtime(hass, parsed.model)
             source = _submit(runtime, parsed.request, "prompt")
@@ -678,12 +703,9 @@ def _health(hass: HomeAssistant) -> tuple[dict[str, Any], int]:
 
 
 def _engine_health(data: RkllmRuntimeData, metrics: EngineMetrics) -> tuple[dict[str, Any], int]:
-    if metrics.state in (EngineState.IDLE, EngineState.GENERATING):
-        status, code = "healthy", HTTPStatus.OK
-    elif metrics.state is EngineState.LOADING:
-        status, code = "loading", HTTPStatus.SERVICE_UNAVAILABLE
-    else:
-        status, code = "unhealthy", HTTPStatus.SERVICE_UNAVAILABLE
+    """200 only while `healthy` (a request would be served now); every other status says why, with a 503."""
+    status = metrics.health
+    code = HTTPStatus.OK if status == "healthy" else HTTPStatus.SERVICE_UNAVAILABLE
     body: dict[str, Any] = {
         "status": status,
         "generation_status": "generating" if metrics.state is EngineState.GENERATING else "idle",
@@ -695,10 +717,12 @@ def _engine_health(data: RkllmRuntimeData, metrics: EngineMetrics) -> tuple[dict
         "runtime_version": metrics.runtime_version,
         "abi_profile": metrics.abi_profile,
         "restarts": metrics.restarts,
+        "consecutive_failures": metrics.consecutive_failures,
+        "watchdog_fired": metrics.watchdog_fired,
         "requests_served": metrics.requests_served,
     }
-    if metrics.last_error and status != "healthy":
-        body["error"] = metrics.last_error
+    if (reason := metrics.health_reason) is not None:
+        body["error"] = reason
     return body, code
 
 

@@ -450,19 +450,106 @@ def _validation_error(err: ValidationError) -> OpenAIError:
     )
 
 
+# Bounds on what a body may be, checked before anything recursive touches it (docs/robustness.md §3).
+MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+MAX_JSON_DEPTH: Final = 100
+# One JSON token at a time, strings whole (escapes included), so brackets inside strings are not counted.
+_JSON_STRUCTURE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
+
+
+def body_too_large(size: int | None) -> OpenAIError:
+    """The 413 for a body over `MAX_BODY_BYTES` (`size` None when it was not announced)."""
+    announced = f" ({size} bytes)" if size is not None else ""
+    return OpenAIError(
+        f"the request body{announced} is larger than the {MAX_BODY_BYTES // (1024 * 1024)} MiB this server accepts",
+        status=413,
+        code="request_too_large",
+    )
+
+
+def json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of the JSON text `raw`, counted without recursion; stops counting once past `limit`."""
+    depth = deepest = 0
+    for match in _JSON_STRUCTURE.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def clean_strings(value: Any, path: str = "") -> Any:
+    """Every string of a parsed body as the runtime can take it (docs/robustness.md §3).
+
+    A NUL character is refused with a 400 naming where it is (the runtime reads C strings: it would cut the
+    text there without a word); a lone UTF-16 surrogate (half of an emoji cut by a client) is replaced with
+    U+FFFD, as a browser's TextEncoder does.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            where = path or "the request body"
+            raise OpenAIError(
+                f"{where} contains a NUL character (\\u0000), which this model cannot read", param=path or None
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return value
+    if isinstance(value, list):
+        return [clean_strings(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {
+            clean_strings(key, path): clean_strings(item, f"{path}.{key}" if path else str(key))
+            for key, item in value.items()
+        }
+    return value
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, whatever the Content-Type (curl -d sends form-urlencoded, §1.7)."""
+    """The request body as a JSON object, whatever the Content-Type (curl -d sends form-urlencoded, §1.7).
+
+    Bounded before it is parsed: UTF-8 only (strict: an encoded surrogate is invalid UTF-8), at most
+    `MAX_JSON_DEPTH` levels of nesting (Python's parser would otherwise recurse until RecursionError), no NaN or
+    Infinity; then `clean_strings`.
+    """
+    if len(raw) > MAX_BODY_BYTES:
+        raise body_too_large(len(raw))
     if not raw.strip():
         raise OpenAIError("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+        text = raw.removeprefix(_UTF8_BOM).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise OpenAIError(
+            f"the request body is not valid UTF-8 (byte {err.start}: {err.reason}); send JSON encoded as UTF-8",
+            code="invalid_encoding",
+        ) from err
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise OpenAIError(
+            f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep; this server accepts at most "
+            f"{MAX_JSON_DEPTH}",
+            code="invalid_json",
+        )
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:
         raise OpenAIError(f"the request body is not valid JSON: {_clip(str(err))}", code="invalid_json") from err
     if not isinstance(body, dict):
         raise OpenAIError(
             f"the request body must be a JSON object, got a JSON {type(body).__name__}", code="invalid_json"
         )
-    return body
+    cleaned: dict[str, Any] = clean_strings(body)
+    return cleaned
 
 
 def _content_text(content: str | list[ContentPart] | None, param: str, *, allow_refusal: bool = False) -> str | None:

@@ -28,7 +28,9 @@ from .const import (
     DOMAIN,
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_MODEL_TOOLKIT_NEWER,
     LOGGER,
 )
 from .data import RkllmConfigEntry
@@ -37,11 +39,21 @@ ISSUE_NPU_DRIVER_TOO_OLD = "npu_driver_too_old"
 ISSUE_WORKER_CRASH_LOOP = "worker_crash_loop"
 
 # Raised by setup; a successful setup proves each of them fixed (the library loaded, the model initialised).
-SETUP_ISSUES = (ISSUE_LIBRARY_MISSING, ISSUE_LIBRARY_UNSUPPORTED, ISSUE_MODEL_PLATFORM_MISMATCH)
+SETUP_ISSUES = (
+    ISSUE_LIBRARY_MISSING,
+    ISSUE_LIBRARY_UNSUPPORTED,
+    ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_MODEL_TOOLKIT_NEWER,
+    ISSUE_MODEL_LOAD_FAILED,
+)
 ALL_ISSUES = (*SETUP_ISSUES, ISSUE_NPU_DRIVER_TOO_OLD, ISSUE_WORKER_CRASH_LOOP)
+# Issues whose fix flow retries: it reloads the entry (the user fixed the cause, or wants a fresh worker).
+RETRY_ISSUES = (ISSUE_WORKER_CRASH_LOOP, ISSUE_MODEL_LOAD_FAILED)
 
-# Worker restarts in a row without one request served: a loop, not a one-off crash.
+# Worker failures in a row without one request served: a loop, not a one-off crash.
 CRASH_LOOP_RESTARTS = 3
+# Issue data marking a crash loop the engine gave up on: setup refuses to start until the user retries.
+GAVE_UP = "gave_up"
 
 LOADED_STATES = frozenset({EngineState.IDLE, EngineState.GENERATING})
 # While the worker (re)loads or has failed, its lines can change without any metric changing.
@@ -53,8 +65,19 @@ _PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     ISSUE_LIBRARY_MISSING: ("title", "path", "error"),
     ISSUE_LIBRARY_UNSUPPORTED: ("title", "path", "version", "error"),
     ISSUE_MODEL_PLATFORM_MISMATCH: ("title", "model", "platform", "error"),
+    ISSUE_MODEL_TOOLKIT_NEWER: (
+        "title",
+        "model",
+        "library",
+        "toolkit_version",
+        "runtime_version",
+        "required_version",
+        "release",
+        "error",
+    ),
     ISSUE_NPU_DRIVER_TOO_OLD: ("title", "driver_version", "required_version"),
-    ISSUE_WORKER_CRASH_LOOP: ("title", "restarts", "error"),
+    ISSUE_WORKER_CRASH_LOOP: ("title", "failures", "restarts", "error"),
+    ISSUE_MODEL_LOAD_FAILED: ("title", "model", "error"),
 }
 UNKNOWN_PLACEHOLDER = "unknown"
 
@@ -62,8 +85,10 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_LIBRARY_MISSING: ir.IssueSeverity.ERROR,
     ISSUE_LIBRARY_UNSUPPORTED: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_PLATFORM_MISMATCH: ir.IssueSeverity.ERROR,
+    ISSUE_MODEL_TOOLKIT_NEWER: ir.IssueSeverity.ERROR,
     ISSUE_NPU_DRIVER_TOO_OLD: ir.IssueSeverity.WARNING,
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
+    ISSUE_MODEL_LOAD_FAILED: ir.IssueSeverity.ERROR,
 }
 
 # Formats from the strings of librkllmrt (rkllm-runtime.md Appendix A). [Inf] The version line opens every
@@ -95,15 +120,20 @@ def _learn_more_url(hass: HomeAssistant) -> str | None:
 
 
 @callback
-def _async_create_issue(hass: HomeAssistant, entry_id: str, key: str, placeholders: dict[str, str]) -> None:
+def _async_create_issue(
+    hass: HomeAssistant, entry_id: str, key: str, placeholders: dict[str, str], *, gave_up: bool = False
+) -> None:
     """Create or update one translated issue of this entry (creating an identical issue again is a no-op)."""
-    fixable = key == ISSUE_WORKER_CRASH_LOOP
+    fixable = key in RETRY_ISSUES
     placeholders = {name: placeholders.get(name) or UNKNOWN_PLACEHOLDER for name in _PLACEHOLDERS[key]}
+    data: dict[str, str | int | float | None] = {"entry_id": entry_id}
+    if gave_up:
+        data[GAVE_UP] = 1
     ir.async_create_issue(
         hass,
         DOMAIN,
         issue_id_for(key, entry_id),
-        data={"entry_id": entry_id} if fixable else None,
+        data=data if fixable else None,
         is_fixable=fixable,
         learn_more_url=_learn_more_url(hass),
         severity=_SEVERITIES.get(key, ir.IssueSeverity.ERROR),
@@ -121,11 +151,12 @@ def _async_delete_issue(hass: HomeAssistant, entry_id: str, key: str) -> None:
 async def async_raise_setup_issue(
     hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
 ) -> None:
-    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`) for `entry`.
+    """Raise a setup problem (`library_missing`, `library_unsupported`, `model_platform_mismatch`, …) for `entry`.
 
     `placeholders` fill the translated text: `library_missing` uses `path` and `error`; `library_unsupported`
-    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`. The
-    entry title is added; a missing value reads "unknown".
+    uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`;
+    `model_toolkit_newer` uses `model`, `library`, `toolkit_version`, `runtime_version`, `required_version`,
+    `release` and `error`. The entry title is added; a missing value reads "unknown".
     """
     if key not in _PLACEHOLDERS:
         raise ValueError(f"unknown rkllm repair issue {key!r}: expected one of {', '.join(_PLACEHOLDERS)}")
@@ -136,6 +167,23 @@ async def async_clear_setup_issues(hass: HomeAssistant, entry: ConfigEntry) -> N
     """Setup succeeded: the library loaded and the model initialised, so every setup issue is fixed."""
     for key in SETUP_ISSUES:
         _async_delete_issue(hass, entry.entry_id, key)
+
+
+@callback
+def async_take_gave_up(hass: HomeAssistant, entry_id: str) -> str | None:
+    """The error of a crash loop the engine just gave up on, once: the setup that follows fails with it.
+
+    The tracker reloads the entry when the engine gives up, so the entry shows an error state instead of staying
+    loaded with a dead engine. Only that one setup is refused: the issue stays (without the mark) until a load
+    succeeds, and any retry (the fix flow, a reload, a changed setting, a restart of Home Assistant) starts the
+    engine again.
+    """
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, issue_id_for(ISSUE_WORKER_CRASH_LOOP, entry_id))
+    if issue is None or not (issue.data or {}).get(GAVE_UP):
+        return None
+    placeholders = dict(issue.translation_placeholders or {})
+    _async_create_issue(hass, entry_id, ISSUE_WORKER_CRASH_LOOP, placeholders)
+    return placeholders.get("error") or UNKNOWN_PLACEHOLDER
 
 
 @callback
@@ -198,9 +246,7 @@ class EngineIssueTracker:
         self._title = entry.title
         self._model_path = str(entry.data.get(CONF_MODEL_PATH, ""))
         self._engine = entry.runtime_data.engine
-        metrics = self._engine.metrics
-        self._restarts_at_last_success = metrics.restarts
-        self._requests_served = metrics.requests_served
+        self._reload_scheduled = False
         self._cancel_recheck: CALLBACK_TYPE | None = None
         self._available = True  # tracking starts once setup has loaded the model
 
@@ -293,24 +339,31 @@ class EngineIssueTracker:
             _async_delete_issue(self._hass, self._entry_id, ISSUE_NPU_DRIVER_TOO_OLD)
 
     def _check_crash_loop(self, metrics: EngineMetrics) -> None:
+        """The same figures as /health: failures in a row (`consecutive_failures`) and restarts since the load.
+
+        When the engine gives up (state ERROR), the issue marks it and the entry is reloaded, so the entry shows
+        the error state and setup refuses to start until the user retries (the fix flow) or changes a setting.
+        """
         if metrics.state is EngineState.STOPPED:
             return  # unloading: nothing about the worker's health can be learned from a deliberate stop
-        if metrics.requests_served > self._requests_served:
-            # A request finished: whatever restarts came before, the worker works now.
-            self._restarts_at_last_success = metrics.restarts
-        self._requests_served = metrics.requests_served
-        restarts_in_a_row = max(0, metrics.restarts - self._restarts_at_last_success)
-        if metrics.state is EngineState.ERROR or restarts_in_a_row >= CRASH_LOOP_RESTARTS:
+        gave_up = metrics.state is EngineState.ERROR
+        if gave_up or metrics.consecutive_failures >= CRASH_LOOP_RESTARTS:
             _async_create_issue(
                 self._hass,
                 self._entry_id,
                 ISSUE_WORKER_CRASH_LOOP,
                 {
                     "title": self._title,
-                    "restarts": str(restarts_in_a_row),
+                    "failures": str(metrics.consecutive_failures),
+                    "restarts": str(metrics.restarts),
                     "error": metrics.last_error or self._engine.last_problem() or "not reported",
                 },
+                gave_up=gave_up,
             )
+            if gave_up and not self._reload_scheduled:
+                self._reload_scheduled = True
+                LOGGER.error("%s: %s; the entry stops until it is retried", self._title, metrics.last_error)
+                self._hass.config_entries.async_schedule_reload(self._entry_id)
         elif metrics.state in LOADED_STATES:
             _async_delete_issue(self._hass, self._entry_id, ISSUE_WORKER_CRASH_LOOP)
 
@@ -331,15 +384,17 @@ def async_track_issues(hass: HomeAssistant, entry: RkllmConfigEntry) -> Callable
 
 
 class RestartEngineRepairFlow(ConfirmRepairFlow):
-    """Fix a crash loop by reloading the entry: a fresh worker, a fresh runtime, restart counters at zero."""
+    """Retry: reload the entry with a fresh worker, a fresh runtime and the failure counters at zero."""
 
-    def __init__(self, entry_id: str) -> None:
+    def __init__(self, entry_id: str, issue_key: str) -> None:
         super().__init__()
         self._entry_id = entry_id
+        self._issue_key = issue_key
 
     async def async_step_confirm(self, user_input: dict[str, str] | None = None) -> FlowResult:
-        """Reload on confirm; if the loop continues the tracker raises the issue again."""
+        """Reload on confirm; if it fails again, setup or the tracker raises the issue again."""
         if user_input is not None and self.hass.config_entries.async_get_entry(self._entry_id) is not None:
+            _async_delete_issue(self.hass, self._entry_id, self._issue_key)
             await self.hass.config_entries.async_reload(self._entry_id)
         return await super().async_step_confirm(user_input)
 
@@ -347,8 +402,9 @@ class RestartEngineRepairFlow(ConfirmRepairFlow):
 async def async_create_fix_flow(
     hass: HomeAssistant, issue_id: str, data: dict[str, str | int | float | None] | None
 ) -> RepairsFlow:
-    """The repairs platform entry point; only the crash loop has a fix (the others need the user's hands)."""
+    """The repairs platform entry point; issues that a retry can fix reload the entry (others need the user)."""
     entry_id = data.get("entry_id") if data else None
-    if issue_id.startswith(f"{ISSUE_WORKER_CRASH_LOOP}_") and isinstance(entry_id, str):
-        return RestartEngineRepairFlow(entry_id)
+    for key in RETRY_ISSUES:
+        if issue_id.startswith(f"{key}_") and isinstance(entry_id, str):
+            return RestartEngineRepairFlow(entry_id, key)
     return ConfirmRepairFlow()

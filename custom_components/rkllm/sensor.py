@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_args
 
 from homeassistant.components.sensor import (
     SensorDeviceClass,
@@ -20,7 +21,7 @@ from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 from homeassistant.helpers.typing import StateType
 
-from rkllm_engine.types import EngineMetrics, EngineState
+from rkllm_engine.types import EngineMetrics, EngineState, HealthStatus
 
 from .data import RkllmConfigEntry
 from .entity import runtime_device_info
@@ -56,6 +57,14 @@ SENSORS: tuple[RkllmSensorEntityDescription, ...] = (
         device_class=SensorDeviceClass.ENUM,
         options=[state.value for state in EngineState],
         value_fn=lambda metrics: metrics.state.value,
+    ),
+    RkllmSensorEntityDescription(
+        key="health",
+        translation_key="health",
+        device_class=SensorDeviceClass.ENUM,
+        options=list(get_args(HealthStatus)),
+        # The same word /health answers; the reason is in /health, the repair issues and the diagnostics.
+        value_fn=lambda metrics: metrics.health,
     ),
     RkllmSensorEntityDescription(
         key="queue_depth",

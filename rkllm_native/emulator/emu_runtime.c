@@ -812,15 +812,16 @@ static bool emu_ends_with(const char *text, const char *suffix) {
     return text_len >= suffix_len && memcmp(text + text_len - suffix_len, suffix, suffix_len) == 0;
 }
 
-/* The tools a scripted answer may name: the set_function_tools list, else a <tools> block in the system
-   prompt of a custom template (an engine that renders its own prompt). */
+/* The tools a scripted answer may name: those of the template the run uses. A custom template (an engine
+   that renders its own prompt) replaces the built-in one, tools block included (I#429), so its tools are the
+   <tools> block of its system prompt, never a list left by an earlier rkllm_set_function_tools. */
 static void emu_active_tools(const emu_handle *h, emu_toollist *out, bool *owned) {
-    if (h->tools.count > 0) {
+    if (!h->custom_template) {
         *out = h->tools;
         *owned = false;
         return;
     }
-    emu_tools_from_system_prompt(h->custom_template ? h->template_system : "", out);
+    emu_tools_from_system_prompt(h->template_system, out);
     *owned = true;
 }
 

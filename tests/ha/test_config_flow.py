@@ -51,6 +51,14 @@ from tests.ha.conftest import ASSIST_MODEL, FAST_ENV, RemoteWorker, entry_data, 
 from tests.ha_shared import flow_input
 
 
+async def start_files_step(hass: HomeAssistant) -> Any:
+    """Open the flow and choose "I have the files" in its menu (the other choice downloads them)."""
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    assert result["type"] is FlowResultType.MENU
+    assert result["menu_options"] == ["files", "download"]
+    return await hass.config_entries.flow.async_configure(result["flow_id"], {"next_step_id": "files"})
+
+
 @pytest.fixture(autouse=True)
 def fast_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entries created by the flow have no dev env; the worker inherits this one instead."""
@@ -60,9 +68,9 @@ def fast_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_user_step_suggests_emulator_and_detected_values(hass: HomeAssistant) -> None:
     """On a machine without librkllmrt the form proposes the built emulator library."""
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "user"
+    assert result["step_id"] == "files"
     suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
     assert suggested[CONF_LIBRARY_PATH] == str(emulator_library_path())
     assert suggested[CONF_PLATFORM] == (detect_platform() or "rk3588")
@@ -74,7 +82,7 @@ async def test_local_entry_is_created_with_an_assist_agent(
     hass: HomeAssistant, emulator_lib: str, assist_model: Path
 ) -> None:
     """A valid local setup creates the entry and its first conversation agent, preset to the Assist API."""
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.CREATE_ENTRY
@@ -136,7 +144,7 @@ async def test_each_validation_error_is_shown_on_its_field(
         (tmp_path / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1024)
         model = str(tmp_path / "model.gguf")
 
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], flow_input(library, model, **{CONF_ABI_PROFILE: profile})
     )
@@ -172,7 +180,7 @@ def test_platform_is_read_from_the_device_tree(tmp_path: Path) -> None:
 async def test_same_model_twice_is_aborted(
     hass: HomeAssistant, mock_config_entry: MockConfigEntry, emulator_lib: str, assist_model: Path
 ) -> None:
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     result = await hass.config_entries.flow.async_configure(result["flow_id"], flow_input(emulator_lib, assist_model))
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
@@ -219,7 +227,7 @@ async def test_reconfigure_to_another_configured_model_is_aborted(
 
 
 async def _start_remote_flow(hass: HomeAssistant, library: str, model: Path | str) -> dict[str, Any]:
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], flow_input(library, model, **{CONF_WORKER: "remote"})
     )
@@ -484,7 +492,7 @@ async def test_user_step_suggests_an_installed_runtime_and_model(
         (models / name).write_bytes(b"")
     monkeypatch.setattr(config_flow, "LIBRARY_CANDIDATES", (str(tmp_path / "absent.so"), str(library)))
     monkeypatch.setattr(config_flow, "MODEL_DIRECTORIES", (str(tmp_path / "no-such-folder"), str(models)))
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
     assert suggested[CONF_LIBRARY_PATH] == str(library)
     assert suggested[CONF_MODEL_PATH] == str(models / "qwen2.5-1.5b.rkllm")
@@ -492,7 +500,7 @@ async def test_user_step_suggests_an_installed_runtime_and_model(
     # No model in any folder (only other files): the field stays empty rather than naming a non-model.
     (models / "qwen2.5-3b.rkllm").unlink()
     (models / "qwen2.5-1.5b.rkllm").unlink()
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await start_files_step(hass)
     suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
     assert suggested[CONF_LIBRARY_PATH] == str(library)
     assert suggested[CONF_MODEL_PATH] == ""

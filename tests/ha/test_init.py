@@ -137,7 +137,7 @@ def _issue(hass: HomeAssistant, key: str, entry: MockConfigEntry) -> ir.IssueEnt
     return ir.async_get(hass).async_get_issue(DOMAIN, f"{key}_{entry.entry_id}")
 
 
-SETUP_ISSUES = ("library_missing", "library_unsupported", "model_platform_mismatch")
+SETUP_ISSUES = ("library_missing", "library_unsupported", "model_platform_mismatch", "model_toolkit_newer")
 
 
 @pytest.mark.parametrize("worker", ["local", "remote"])
@@ -149,7 +149,7 @@ SETUP_ISSUES = ("library_missing", "library_unsupported", "model_platform_mismat
         ("profile_mismatch", "setup_library_unsupported", "library_unsupported"),
         ("model_for_another_soc", "setup_model_platform_mismatch", "model_platform_mismatch"),
         ("model_missing", "setup_model_invalid", None),
-        ("model_from_newer_toolkit", "setup_model_invalid", None),
+        ("model_from_newer_toolkit", "setup_model_toolkit_newer", "model_toolkit_newer"),
         ("context_over_model_limit", "setup_model_invalid", None),
     ],
 )
@@ -204,6 +204,54 @@ async def test_each_permanent_failure_is_a_setup_error_with_its_repair(
         assert found.translation_placeholders["version"] == "1.1.4"
     if worker == "local":  # (a remote worker is the fixture's own child and keeps serving)
         assert child_pids() == set()
+
+
+@pytest.mark.parametrize(
+    ("toolkit", "required", "release"),
+    [
+        ("1.3.0", "1.3.0", "airockchip/rknn-llm release-v1.3.0"),
+        (
+            "1.9.0",
+            "1.9.0",
+            "no librkllmrt that rkllm supports is that new yet; convert the model with an older rkllm-toolkit",
+        ),
+    ],
+)
+async def test_a_model_from_a_newer_toolkit_gets_a_repair_naming_the_runtime_to_install(
+    hass: HomeAssistant, emulator_lib: str, tmp_path: Path, toolkit: str, required: str, release: str
+) -> None:
+    """The runtime refuses a model converted with a newer rkllm-toolkit; the repair says which runtime to install."""
+    model = tmp_path / "new-toolkit.model"
+    model.write_text(ASSIST_MODEL + f"toolkit_version = {toolkit}\n", encoding="utf-8")
+    entry = MockConfigEntry(domain=DOMAIN, title="New toolkit", data=entry_data(emulator_lib, model))
+    await _setup(hass, entry)
+
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.error_reason_translation_key == "setup_model_toolkit_newer"
+    issue = _issue(hass, "model_toolkit_newer", entry)
+    assert issue is not None
+    assert issue.severity is ir.IssueSeverity.ERROR
+    assert issue.translation_placeholders == {
+        "title": "New toolkit",
+        "model": str(model),
+        "library": emulator_lib,
+        "toolkit_version": toolkit,
+        "runtime_version": "1.2.3",  # the v12x emulator
+        "required_version": required,
+        "release": release,
+        "error": (
+            "E rkllm: The rkllm-runtime version is lower than the rkllm-toolkit version. Please update rkllm-runtime "
+            f"to {toolkit} or higher."
+        ),
+    }
+
+    # A model the runtime accepts clears it.
+    hass.config_entries.async_update_entry(entry, data=entry_data(emulator_lib, tmp_path / "ok.model"))
+    (tmp_path / "ok.model").write_text(ASSIST_MODEL, encoding="utf-8")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert _issue(hass, "model_toolkit_newer", entry) is None
 
 
 async def test_setup_issues_clear_after_a_successful_setup(

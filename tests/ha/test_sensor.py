@@ -24,6 +24,7 @@ CONTEXT_LENGTH = 1024
 EMULATOR_ENV = {"RKLLM_EMULATOR_SPEED": "20"}
 SENSOR_KEYS = (
     "status",
+    "health",
     "queue_depth",
     "last_ttft",
     "decode_tokens_per_s",

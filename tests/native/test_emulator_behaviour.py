@@ -473,7 +473,7 @@ def test_custom_template_prefill_is_continued(
     session = sessions("v12x", write_model(ASSIST_RULES))
     assert session.set_tools("You control a home.", TOOLS) == 0
     text = "turn on the lamp" if postfix != "{" else "turn on"
-    assert session.set_template("<|im_start|>system\nS<|im_end|>\n", "<|im_start|>user\n", postfix) == 0
+    assert session.set_template(qwen_system_with_tools(TOOLS), "<|im_start|>user\n", postfix) == 0
     if postfix == "{":
         session.set_tools("no tools", "[]")
         session.set_template("", "", postfix)
@@ -482,6 +482,33 @@ def test_custom_template_prefill_is_continued(
     # set_function_tools brings the built-in template back: no continuation any more
     assert session.set_tools("You control a home.", TOOLS) == 0
     assert session.one("turn on the lamp").text.startswith("<tool_call>\n")
+
+
+def qwen_system_with_tools(tools_json: str) -> str:
+    """A ChatML system turn with Qwen 2.5's tools block, as an engine that renders its own template writes it."""
+    lines = "".join(f"\n{json.dumps(tool)}" for tool in json.loads(tools_json))
+    return (
+        "<|im_start|>system\nYou control a home.\n\n# Tools\n\nYou may call one or more functions to assist with the "
+        f"user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>{lines}"
+        "\n</tools>\n<|im_end|>\n"
+    )
+
+
+def test_forced_call_names_only_the_tools_of_the_template_it_runs(
+    write_model: Callable[..., Path], sessions: Callable[..., Session]
+) -> None:
+    """A custom template brings its own tools: the list of an earlier set_function_tools is not offered any more.
+
+    (LangChain's standard tests once got a call of a tool from the previous request this way.)
+    """
+    session = sessions("v130", write_model(ASSIST_RULES))
+    assert session.set_tools("You control a home.", TOOLS) == 0
+    other = '[{"type": "function", "function": {"name": "magic_function_no_args", "parameters": {}}}]'
+    postfix = '<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{"name": "'
+    assert session.set_template(qwen_system_with_tools(other), "<|im_start|>user\n", postfix) == 0
+    result = session.one("turn on the lamp")
+    assert "intent__HassTurnOn" not in result.text
+    assert result.text == 'magic_function_no_args", "arguments": {}}\n</tool_call>'
 
 
 def test_forced_call_finds_the_tools_in_a_qwen_system_prompt(
