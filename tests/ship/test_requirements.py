@@ -1,9 +1,9 @@
 """Every third-party module the release zip imports is installed by Home Assistant itself.
 
 A user's Home Assistant has only its own dependencies plus what manifest.json "requirements" asks it to install
-(home-assistant.md §4.2 → docs/home-assistant.md §4.2). The project's venvs always had pydantic (the test plugin
-pulls it), so the release imported it without declaring it and the config flow failed on a bare 2026.11.0 with
-"No module named 'pydantic'" (issue 11). This scans the zip's sources with `ast` and resolves each import in the
+(docs/home-assistant.md §4.2). The project's venvs always had pydantic (the test plugin pulls it), so the release
+imported it without declaring it and the config flow failed on a bare 2026.11.0 with "No module named 'pydantic'"
+(issue 11). This scans the zip's sources with `ast` and resolves each import in the
 line's venv: standard library, our own packages, a dependency homeassistant declares (its Requires-Dist, through
 importlib.metadata), or a manifest requirement. tests/ship/test_bare_install.py proves the same on a real install.
 """
