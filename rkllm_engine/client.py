@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -38,8 +39,8 @@ from rkllm_engine.types import (
     UnavailableReason,
     WorkerCrashedError,
 )
+from rkllm_native import channel, logparse, protocol
 from rkllm_native import errors as native_errors
-from rkllm_native import logparse, protocol
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -55,11 +56,15 @@ WORKER_MODULE: Final = "rkllm_native.worker"
 
 @dataclass(frozen=True, slots=True)
 class WorkerLocation:
-    """Where the worker runs: a local child process (host None) or a remote worker on HOST:PORT."""
+    """Where the worker runs: a local child process (host None) or a remote worker on HOST:PORT.
+
+    `tls_fingerprint` (`AB:CD:…`, SHA-256 of the worker's certificate) turns on TLS and pins that certificate.
+    """
 
     host: str | None = None
     port: int | None = None
     secret: str | None = None
+    tls_fingerprint: str | None = None
 
     @property
     def remote(self) -> bool:
@@ -95,6 +100,7 @@ class RuntimeInfo:
     max_context_limit: int | None
     pid: int | None
     toolkit_version: str | None = None  # the model's converter (`I rkllm: rkllm-toolkit version: …`)
+    worker_slots: int = 1  # runtime contexts the worker serves at once (a remote worker's `--slots`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +231,10 @@ def _error_from_reply(error: Mapping[str, Any], op: str) -> EngineError:
         return RuntimeIncompatibleError(message, reason="protocol_mismatch")
     if kind in (protocol.KIND_BUSY, protocol.KIND_NOT_INITIALIZED):
         return EngineUnavailableError(message)
+    if kind == protocol.KIND_PATH_NOT_ALLOWED:
+        facts = error.get("facts")
+        details = {str(key): str(value) for key, value in facts.items()} if isinstance(facts, dict) else {}
+        return RuntimeIncompatibleError(message, reason="path_not_allowed", details=details)
     return GenerationError(message)
 
 
@@ -256,10 +266,16 @@ class _Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         process: asyncio.subprocess.Process | None,
+        *,
+        sealer: channel.FrameSealer | None = None,
+        opener: channel.FrameOpener | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.process = process
+        # A remote session's frames carry MACs (rkllm_native.channel); the local socketpair's do not.
+        self.sealer = sealer
+        self.opener = opener
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.streams: dict[int, RunStream] = {}
         self.reader_task: asyncio.Task[None] | None = None
@@ -274,7 +290,8 @@ class _Session:
         if self.closed.is_set() or self.writer.is_closing():
             raise EngineUnavailableError("the connection to the rkllm worker is closed")
         try:
-            frame = protocol.encode_frame(message)
+            # Sealed (tag + sequence number) on a remote session; a frame that fails here consumes no number.
+            frame = channel.encode(message, self.sealer)
         except protocol.ProtocolError as err:
             raise InvalidRequestError(f"the request is too large for the worker channel: {err}") from err
         except (TypeError, ValueError) as err:
@@ -299,6 +316,7 @@ class RunStream:
         self._aborting = False
         self._done = asyncio.Event()
         self._session: _Session | None = None
+        self._paused = False
         self._log_mark = 0
         self.finished: RunFinished | None = None
         self.error: EngineError | None = None
@@ -358,6 +376,20 @@ class RunStream:
         except BaseException:
             self._fail(EngineUnavailableError("the run was cancelled while it was being sent"))
             raise
+
+    def pause(self, paused: bool) -> None:
+        """Hold the run in the runtime's token callback (`True`) or let it go on (`False`); no reply is awaited.
+
+        The worker blocks in the callback, so the runtime computes nothing for this run meanwhile and another
+        runtime context has the NPU to itself (docs/voice.md §3). A run not sent yet, or already over, ignores it.
+        """
+        self._paused = paused
+        session = self._session
+        if session is None or self._done.is_set():
+            return  # not sent yet: `_submit_run` sends the pause right after the run
+        op = protocol.OP_PAUSE if paused else protocol.OP_RESUME
+        with contextlib.suppress(EngineError, OSError):
+            session.send(protocol.request(op, next(self._client._request_ids), run=self.run_id))
 
     async def abort(self) -> None:
         """Stop the run; if the worker does not stop it within abort_grace_s, kill and restart the worker."""
@@ -517,13 +549,21 @@ class WorkerClient:
         return info
 
     @classmethod
-    async def probe(cls, location: WorkerLocation, timeout_s: float = 10.0) -> WorkerHello:
-        """Check a remote worker without loading anything: connect, authenticate, hello, close.
+    async def probe(
+        cls,
+        location: WorkerLocation,
+        timeout_s: float = 10.0,
+        *,
+        library_path: str | None = None,
+        model_path: str | None = None,
+    ) -> WorkerHello:
+        """Check a remote worker without loading anything: connect (TLS), mutual handshake, hello, close.
 
-        The config flow uses it to tell a wrong host, secret or busy worker apart before an entry exists; the
-        library and model are checked by the setup that follows. Each step waits at most `timeout_s`. Raises
-        EngineUnavailableError (worker_unreachable, secret_refused, worker_busy) or RuntimeIncompatibleError
-        (protocol_mismatch).
+        The config flow uses it to tell a wrong host, secret, fingerprint or busy worker apart before an entry
+        exists; given `library_path`/`model_path`, it also asks whether the worker's allow-list holds them (the
+        files themselves are checked by the setup that follows). Each step waits at most `timeout_s`. Raises
+        EngineUnavailableError (worker_unreachable, secret_refused, worker_unverified, fingerprint_mismatch,
+        tls_mismatch, worker_busy) or RuntimeIncompatibleError (protocol_mismatch, path_not_allowed).
         """
         if not location.remote:
             raise ValueError("probe() checks a remote worker; this location is the local child process")
@@ -534,6 +574,9 @@ class WorkerClient:
         try:
             async with asyncio.timeout(timeout_s):
                 reply = await client._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
+                if library_path is not None or model_path is not None:
+                    paths = {"library_path": library_path, "model_path": model_path}
+                    await client._request(session, protocol.OP_CHECK_PATHS, paths)
         except TimeoutError as err:
             raise EngineUnavailableError(
                 f"remote rkllm worker {where} did not answer the hello within {timeout_s:g}s",
@@ -708,7 +751,7 @@ class WorkerClient:
 
     async def _launch(self, spec: InitSpec) -> RuntimeInfo:
         """Spawn or connect, authenticate, hello, init; the session becomes current only on success."""
-        session = await (self._connect_remote() if self.location.remote else self._spawn_local())
+        session = await (self._connect_remote() if self.location.remote else self._spawn_local(spec))
         session.reader_task = asyncio.get_running_loop().create_task(self._read_loop(session))
         try:
             reply = await self._handshake(session, spec)
@@ -730,6 +773,7 @@ class WorkerClient:
             max_context_limit=_opt_int(reply.get("max_context_limit")),
             pid=_opt_int(reply.get("pid")),
             toolkit_version=_opt_str(reply.get("toolkit_version")),
+            worker_slots=_opt_int(reply.get("worker_slots")) or 1,
         )
         return self.info
 
@@ -748,7 +792,7 @@ class WorkerClient:
     async def _handshake(self, session: _Session, spec: InitSpec) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
+                hello = await self._request(session, protocol.OP_HELLO, {"version": protocol.PROTOCOL_VERSION})
         except TimeoutError as err:
             raise EngineUnavailableError(
                 f"the rkllm worker ({self.location.describe()}) did not answer within {self.connect_timeout_s:g}s",
@@ -756,7 +800,7 @@ class WorkerClient:
                 details={"worker": self.location.describe()},
             ) from err
         # No timeout: loading a model takes from seconds to minutes; a dying worker still ends the wait.
-        return await self._request(
+        reply = await self._request(
             session,
             protocol.OP_INIT,
             {
@@ -766,8 +810,10 @@ class WorkerClient:
                 "params": spec.params,
             },
         )
+        return {**reply, "worker_slots": hello.get("slots")}
 
-    async def _spawn_local(self) -> _Session:
+    async def _spawn_local(self, spec: InitSpec) -> _Session:
+        """Spawn the child worker; it may open only this spec's library and model (the allow-list runs here too)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, **self._env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH", "")) if p)
@@ -780,6 +826,10 @@ class WorkerClient:
                 str(child_sock.fileno()),
                 "--parent-pid",
                 str(os.getpid()),
+                "--library",
+                spec.library_path,
+                "--model",
+                spec.model_path,
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -812,14 +862,17 @@ class WorkerClient:
         return EngineUnavailableError(message, reason=reason, details={"worker": self.location.describe()})
 
     async def _connect_remote(self) -> _Session:
+        """Connect (TLS with the pinned certificate when a fingerprint is set) and run the mutual handshake."""
         where = self.location.describe()
         if not self.location.secret:
             raise self._remote_error(
                 f"remote rkllm worker {where} needs a shared secret; none is configured", "secret_refused"
             )
+        fingerprint = self.location.tls_fingerprint
+        tls = channel.client_tls_context() if fingerprint else None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(self.location.host, self.location.port)
+                reader, writer = await asyncio.open_connection(self.location.host, self.location.port, ssl=tls)
         except TimeoutError as err:
             raise self._remote_error(
                 f"remote rkllm worker {where} did not accept a connection within {self.connect_timeout_s:g}s",
@@ -831,6 +884,14 @@ class WorkerClient:
                 "worker_unreachable",
             ) from err
         except OSError as err:
+            if tls is not None and isinstance(err, ssl.SSLError | ConnectionResetError):
+                # A worker without --tls-cert closes on our ClientHello (or answers with a plain frame).
+                problem = err.reason if isinstance(err, ssl.SSLError) else None
+                raise self._remote_error(
+                    f"TLS handshake with remote rkllm worker {where} failed ({problem or err}): was the worker started "
+                    "with --tls-cert and --tls-key? Without them, clear the TLS fingerprint",
+                    "tls_mismatch",
+                ) from err
             raise self._remote_error(
                 f"cannot reach remote rkllm worker {where}: {err.strerror or err}", "worker_unreachable"
             ) from err
@@ -838,8 +899,10 @@ class WorkerClient:
         if sock is not None:
             protocol.enable_keepalive(sock)  # a board that lost power ends the session instead of hanging it
         try:
+            if fingerprint:
+                self._check_fingerprint(writer, fingerprint, where)
             async with asyncio.timeout(self.connect_timeout_s):
-                await self._authenticate(reader, writer, where)
+                sealer, opener = await self._authenticate(reader, writer, where)
         except BaseException as err:
             writer.close()
             with contextlib.suppress(OSError):
@@ -853,30 +916,78 @@ class WorkerClient:
                     f"remote rkllm worker {where} broke the handshake: {err}", "worker_unreachable"
                 ) from err
             raise
-        return _Session(reader, writer, None)
+        return _Session(reader, writer, None, sealer=sealer, opener=opener)
 
-    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> None:
-        challenge = await protocol.read_frame(reader)
-        if challenge is not None and challenge.get("ev") == protocol.EV_BUSY:
-            raise self._remote_error(f"remote rkllm worker {where} is busy: another client is connected", "worker_busy")
-        if (
-            challenge is None
-            or challenge.get("ev") != protocol.EV_CHALLENGE
-            or not isinstance(challenge.get("nonce"), str)
-        ):
+    def _check_fingerprint(self, writer: asyncio.StreamWriter, expected: str, where: str) -> None:
+        """The pin: the worker's certificate must be the one whose fingerprint the user entered."""
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not channel.fingerprint_matches(expected, der):
+            presented = channel.fingerprint_of_der(der) if der else "none"
+            raise self._remote_error(
+                f"remote rkllm worker {where} presented a TLS certificate with fingerprint {presented}, not the pinned "
+                f"{expected}: enter the fingerprint the worker printed at start (or someone else answers there)",
+                "fingerprint_mismatch",
+            )
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
+    ) -> tuple[channel.FrameSealer, channel.FrameOpener]:
+        """Mutual handshake (rkllm_native.channel): prove the secret, then check the worker's proof before anything.
+
+        Nothing but the handshake is sent, and no frame is trusted, until the worker proved it knows the secret;
+        then every frame carries a MAC under this session's keys.
+        """
+        client_nonce = channel.new_nonce()
+        channel.write_frame(writer, channel.client_hello(client_nonce), None)
+        await writer.drain()
+        challenge = await channel.read_frame(reader, None)
+        if challenge is not None and challenge.get("ev") == protocol.EV_TLS_REQUIRED:
+            raise self._remote_error(
+                f"remote rkllm worker {where} speaks TLS only: enter the certificate fingerprint it printed at start",
+                "tls_mismatch",
+            )
+        if challenge is None or challenge.get("ev") != protocol.EV_CHALLENGE:
             raise self._remote_error(
                 f"remote rkllm worker {where} did not send an authentication challenge", "worker_unreachable"
             )
-        mac = protocol.compute_mac(self.location.secret or "", challenge["nonce"])
-        protocol.write_frame(writer, {"op": protocol.OP_AUTH, "mac": mac})
+        version = challenge.get("version")
+        if version != protocol.PROTOCOL_VERSION:
+            raise RuntimeIncompatibleError(
+                f"remote rkllm worker {where} speaks protocol {version!r}, this client {protocol.PROTOCOL_VERSION}; "
+                "install the same rkllm version on both sides",
+                reason="protocol_mismatch",
+                details={"worker": where},
+            )
+        keys = channel.derive_keys(
+            self.location.secret or "", protocol.PROTOCOL_VERSION, client_nonce, channel.nonce_of(challenge)
+        )
+        channel.write_frame(writer, {"op": protocol.OP_AUTH, "proof": keys.client_proof.hex()}, None)
         await writer.drain()
-        answer = await protocol.read_frame(reader)
+        answer = await channel.read_frame(reader, None)
         if answer is None or answer.get("ev") == protocol.EV_AUTH_FAILED:
             raise self._remote_error(f"remote rkllm worker {where} refused the secret", "secret_refused")
         if answer.get("ev") != protocol.EV_AUTH_OK:
             raise self._remote_error(
                 f"remote rkllm worker {where} answered {answer.get('ev')!r} to the secret", "worker_unreachable"
             )
+        if not channel.proof_matches(keys.worker_proof, answer.get("proof")):
+            _LOGGER.warning("The rkllm worker at %s could not prove it knows the shared secret; disconnected", where)
+            raise self._remote_error(
+                f"remote rkllm worker {where} could not prove it knows the shared secret (another secret there, or "
+                "another program answering at this address)",
+                "worker_unverified",
+            )
+        sealer = channel.FrameSealer(keys.client_to_worker)
+        opener = channel.FrameOpener(keys.worker_to_client, "worker")
+        admitted = await channel.read_frame(reader, opener)
+        if admitted is not None and admitted.get("ev") == protocol.EV_BUSY:
+            raise self._remote_error(f"remote rkllm worker {where} is busy: another client is connected", "worker_busy")
+        if admitted is None or admitted.get("ev") != protocol.EV_READY:
+            raise self._remote_error(
+                f"remote rkllm worker {where} closed the connection right after the handshake", "worker_unreachable"
+            )
+        return sealer, opener
 
     # -- internals: reading -----------------------------------------------
 
@@ -901,11 +1012,13 @@ class WorkerClient:
         problem: str | None = None
         try:
             while True:
-                message = await protocol.read_frame(session.reader)
+                message = await channel.read_frame(session.reader, session.opener)
                 if message is None:
                     break
                 self._dispatch(session, message)
         except protocol.ProtocolError as err:
+            # A tampered, replayed, truncated or oversized frame: nothing more from this connection is trusted.
+            _LOGGER.warning("Closing the connection to the rkllm worker (%s): %s", self.location.describe(), err)
             problem = f"protocol error: {err}"
         except (ConnectionError, OSError) as err:
             problem = f"connection error: {err}"
@@ -990,6 +1103,8 @@ class WorkerClient:
             future.cancel()
             session.streams.pop(stream.run_id, None)
             raise
+        if stream._paused:  # paused before it was sent: it waits at its first token
+            stream.pause(True)
 
     async def _abort_run(self, stream: RunStream) -> None:
         session = stream._session

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ from typing import Any, Final, Self
 from rkllm_native import logparse
 from rkllm_native.soc import local_soc
 
-from .client import InitSpec, RunFinished, RunStream, TextPiece, WorkerClient, WorkerLocation, WorkerState
+from .client import InitSpec, RunFinished, RunStream, RuntimeInfo, TextPiece, WorkerClient, WorkerLocation, WorkerState
 from .output import OutputParser, ParseResult
 from .prompting import ClearKV, PromptPlan, PromptPlanner, SetChatTemplate, SetFunctionTools, template_family
 from .scheduler import Scheduler, Ticket
@@ -87,11 +88,16 @@ INIT_SAMPLING: Final[dict[str, float | int]] = {
 # Platforms with big.LITTLE clusters whose big cores are CPU4-CPU7 (rkllm-runtime.md §4.5).
 BIG_CORE_PLATFORMS: Final = frozenset({"RK3588", "RK3576"})
 MAX_CPU_CORES: Final = 8
+MAX_SLOTS: Final = 4
 TOOL_RESPONSE_TAG: Final = "tool_response"
 STOPPED_MESSAGE: Final = "the engine was stopped"
 WORKER_READY_TIMEOUT_S: Final = 120.0
 # After the worker client stopped (which kills a hung worker), the serving tasks end at once; this only bounds a bug.
 STOP_TASKS_TIMEOUT_S: Final = 5.0
+# `slots: auto` adds a second runtime context when free memory holds the model once more plus this (docs/voice.md).
+AUTO_SLOT_HEADROOM_MB: Final = 1024
+AUTO_MAX_SLOTS: Final = 2
+PAUSED_RECHECK_S: Final = 1.0
 HUNG_RUN_ABORTED: Final = "the run is aborted (the worker is restarted if it hangs)"
 
 
@@ -115,6 +121,7 @@ class EngineConfig:
     env: dict[str, str] = field(default_factory=dict)  # extra env for a local worker (e.g. RKLLM_EMULATOR_SPEED)
     watchdog_min_s: float = DEFAULT_MIN_S  # a silent run is ended after max(this, factor * its expected step time)
     watchdog_factor: float = DEFAULT_FACTOR
+    slots: int | None = 1  # runtime contexts, each its own worker and resident prefix; None = auto (docs/voice.md)
 
     def __post_init__(self) -> None:
         """Reject settings the runtime would refuse later with a less specific message."""
@@ -135,6 +142,8 @@ class EngineConfig:
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
         ProgressWatchdog(min_s=self.watchdog_min_s, factor=self.watchdog_factor)  # raises on a bad setting
+        if self.slots is not None and not 1 <= self.slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be between 1 and {MAX_SLOTS} (or None for auto), got {self.slots}")
 
 
 def local_platform() -> str | None:
@@ -196,6 +205,24 @@ def _offered_tools(request: ChatRequest | CompletionRequest, plan: PromptPlan) -
     return names, request.tool_choice == "required"
 
 
+def _log_run(slot: int, plan: PromptPlan, finished: Finished) -> None:
+    """One debug line per run: where it ran, how the prompt reached the runtime, and what it cost."""
+    usage, perf = finished.usage, finished.perf
+    decode = perf.generate_tokens / (perf.generate_time_ms / 1000) if perf.generate_time_ms > 0 else None
+    _LOGGER.debug(
+        "slot %d run: plan %s, prompt %d tokens (%d prefilled, %d cached), TTFT %s, decode %s, %d tokens, %s",
+        slot,
+        plan.mode,
+        usage.prompt_tokens,
+        perf.prefill_tokens,
+        usage.cached_tokens,
+        f"{perf.ttft_s:.2f} s" if perf.ttft_s is not None else "-",
+        f"{decode:.1f} tok/s" if decode is not None else "-",
+        usage.completion_tokens,
+        finished.finish_reason,
+    )
+
+
 def _tool_names(tools_json: str) -> tuple[str, ...]:
     """Names of the tools in an OpenAI tools JSON array (for the `tools_loaded` metric)."""
     try:
@@ -244,16 +271,22 @@ class _SilenceWatch:
         self._bound = bound
         self._since = time.monotonic()
         self._stalled = False
+        self._paused = False
         self.fired: str | None = None
 
     def wait_s(self) -> float:
         """Seconds until the next threshold (stall, then fire) is reached."""
+        if self._paused:
+            return PAUSED_RECHECK_S
         elapsed = time.monotonic() - self._since
         threshold = self._bound.fire_after_s if self._stalled else self._bound.stall_after_s
         return max(0.0, threshold - elapsed)
 
     def on_silence(self) -> bool:
         """A threshold passed without progress: publish the stall, or fire (returns True once, when it fires)."""
+        if self._paused:
+            self._since = time.monotonic()
+            return False
         elapsed = time.monotonic() - self._since
         expected = f"expected about {self._bound.expected_s:.1f} s"
         if elapsed + 1e-3 >= self._bound.fire_after_s:
@@ -267,6 +300,14 @@ class _SilenceWatch:
         self._stalled = True
         self._engine._set_stall(f"a run has produced nothing for {elapsed:.1f} s ({expected})")
         return False
+
+    def set_paused(self, paused: bool) -> None:
+        """A paused run is silent on purpose: the watch does not count while it waits (docs/robustness.md §2)."""
+        self._paused = paused
+        self._since = time.monotonic()
+        if paused and self._stalled and self.fired is None:
+            self._stalled = False
+            self._engine._set_stall(None)
 
     def on_progress(self, bound: SilenceBound) -> None:
         """A token arrived: the silence starts over with the bound of the next step."""
@@ -374,6 +415,17 @@ class Generation:
             _LOGGER.debug("generation task ended with an error after cancel", exc_info=True)
 
 
+@dataclass(slots=True)
+class _Slot:
+    """One runtime context: its worker (a process with its own runtime handle) and its prompt planner."""
+
+    index: int
+    client: WorkerClient
+    planner: PromptPlanner
+    tools_loaded: tuple[str, ...] = ()
+    kv_tokens: int | None = None
+
+
 class Engine:
     """The LLM on the NPU as an asyncio service (see module docstring for the decisions)."""
 
@@ -381,12 +433,14 @@ class Engine:
         """Prepare the engine; nothing is spawned before `start()`."""
         self.config = config
         self._scheduler = Scheduler(queue_size=config.queue_size, context_length=config.context_length)
-        self._client: WorkerClient | None = None
-        self._planner: PromptPlanner | None = None
+        self._slots: list[_Slot] = []
+        self._spec: InitSpec | None = None
+        self._family: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._grow_task: asyncio.Task[None] | None = None
+        self._worker_slots = MAX_SLOTS  # how many contexts the worker side can hold (a remote worker's --slots)
         self._started = False
         self._stopping = False
-        self._pending_log: list[str] = []
 
     # -- public API ------------------------------------------------------------------------
 
@@ -400,55 +454,51 @@ class Engine:
         return self._scheduler.add_listener(cb)
 
     def recent_log(self) -> list[str]:
-        """The runtime's last log lines (I/W/E rkllm: …) for diagnostics and repairs."""
-        return list(self._client.recent_log) if self._client is not None else []
+        """The runtime's last log lines (I/W/E rkllm: …) of every slot's worker, for diagnostics and repairs."""
+        lines: list[str] = []
+        for slot in reversed(self._slots):  # the first slot's lines last: it is the one setup and repairs follow
+            lines.extend(slot.client.recent_log)
+        return lines
+
+    def end_turn(self, turn_id: str) -> None:
+        """A conversation turn is over: the slot kept for its next round is free (docs/voice.md)."""
+        self._scheduler.end_turn(turn_id)
+
+    def record_voice_response(self, seconds: float) -> None:
+        """A conversation turn's first spoken text came `seconds` after the command (the voice response sensor)."""
+        self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, last_voice_response_s=seconds))
 
     async def start(self) -> None:
         """Spawn (or connect to) the worker and load the model; raises `EngineError` subclasses.
 
-        Also the way back after the worker failed for good (metrics state ERROR).
+        The first slot is loaded before this returns; more slots (`EngineConfig.slots`) load in the background
+        while the first one already serves. Also the way back after the worker failed for good (state ERROR).
         """
         if self._started:
             return
         config = self.config
-        if self._client is not None:  # a worker that failed for good: shut it down before a new one
-            old_client, self._client = self._client, None
-            await old_client.stop()
+        await self._stop_slots()  # a worker that failed for good: shut it down before a new one
         self._stopping = False
         self._scheduler.close(EngineUnavailableError("the model is still loading"))
         self._scheduler.set_base_state(EngineState.LOADING)
         platform = config.platform or (local_platform() if config.worker.host is None else None)
         # The model file's header is read in a thread: file I/O in the event loop stalls every other task
         # (Home Assistant reports it as a bug of the integration).
-        family = await asyncio.get_running_loop().run_in_executor(None, template_family, config.model_path)
-        spec = InitSpec(
+        self._family = await asyncio.get_running_loop().run_in_executor(None, template_family, config.model_path)
+        self._spec = InitSpec(
             library_path=config.library_path,
             model_path=config.model_path,
             profile=config.profile,
             params=runtime_params(config, platform),
         )
-        client = WorkerClient(
-            config.worker,
-            env=config.env,
-            on_state=self._on_worker_state,
-            restart_backoff_s=config.restart_backoff_s,
-            abort_grace_s=config.abort_grace_s,
-        )
-        self._client = client
+        self._scheduler.set_slot_count(1)
         try:
-            info = await client.start(spec)
+            first, info = await self._start_slot(0)
         except BaseException as err:
             self._scheduler.close(EngineUnavailableError(f"the model could not be loaded: {err}"))
             self._scheduler.set_base_state(EngineState.ERROR, last_error=str(err))
-            with contextlib.suppress(Exception):
-                await client.stop()
-            self._client = None
+            await self._stop_slots()
             raise
-        self._planner = PromptPlanner(
-            template_family=family,
-            context_length=config.context_length,
-            default_max_new_tokens=config.max_new_tokens,
-        )
         self._scheduler.update_metrics(
             dataclasses.replace(
                 self._scheduler.metrics,
@@ -457,26 +507,34 @@ class Engine:
                 driver_version=info.driver_version,
                 platform=info.platform or platform,
                 toolkit_version=info.toolkit_version,
-                restarts=client.restarts,
+                restarts=first.client.restarts,
                 last_error=None,
                 tools_loaded=(),
             )
         )
         self._started = True
+        self._scheduler.set_slot_availability(0, "ready")
         self._scheduler.set_base_state(EngineState.IDLE)
         self._scheduler.open()
+        self._worker_slots = info.worker_slots if config.worker.remote else MAX_SLOTS
+        wanted = self._wanted_slots(info)
+        if wanted > 1:
+            self._grow(wanted)
 
     async def stop(self) -> None:
-        """Fail queued requests, abort the running one, shut the worker down; leave nothing behind.
+        """Fail queued requests, abort the running ones, shut the workers down; leave nothing behind.
 
-        Bounded whatever the runtime does: the worker client gives a running run a short grace to honour its
+        Bounded whatever the runtime does: each worker client gives a running run a short grace to honour its
         abort, then kills the worker (docs/robustness.md §6); the serving tasks end as their runs end.
         """
         self._stopping = True
         self._scheduler.close(EngineUnavailableError(STOPPED_MESSAGE))
-        client, self._client = self._client, None
-        if client is not None:
-            await client.stop()
+        if self._grow_task is not None:
+            self._grow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._grow_task
+            self._grow_task = None
+        await self._stop_slots()
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=STOP_TASKS_TIMEOUT_S)
             for task in late:
@@ -490,12 +548,17 @@ class Engine:
     def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
         """Admit a request now (or raise `QueueFullError`/`EngineUnavailableError`/`InvalidRequestError`)."""
         self._scheduler.check_open()  # not started, stopped, or failed: the reason, before any validation
-        if self._planner is None:
+        if not self._slots:
             raise EngineUnavailableError("the engine is not started (the model is not loaded)")
-        # Validate now, so an HTTP view can answer 400 before any byte; plan again when the slot is
-        # granted, because the resident KV state may change while this request waits.
-        self._planner.plan(request)
-        ticket = self._scheduler.admit(request.priority)
+        # Validate now, so an HTTP view can answer 400 before any byte; plan again when a slot is granted,
+        # because the resident KV state may change while this request waits.
+        planner = self._slots[0].planner
+        planner.plan(request)
+        ticket = self._scheduler.admit(
+            request.priority,
+            affinity=planner.affinity_key(request),
+            turn_id=request.turn_id if isinstance(request, ChatRequest) else None,
+        )
         items: asyncio.Queue[_Item] = asyncio.Queue()
         task = asyncio.get_running_loop().create_task(
             self._serve(request, ticket, items.put_nowait), name="rkllm-generation"
@@ -504,50 +567,164 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
         return Generation(ticket, task, items)
 
+    # -- slots -------------------------------------------------------------------------------
+
+    def _wanted_slots(self, info: RuntimeInfo) -> int:
+        """Slots to run now: the configured count, capped by a remote worker's `--slots`.
+
+        `auto` starts with one and decides after the first run (`_maybe_grow_auto`).
+        """
+        if self.config.slots is None:
+            return 1
+        if self.config.worker.remote and self.config.slots > info.worker_slots:
+            _LOGGER.warning(
+                "slots = %d, but the remote worker serves %d runtime context(s) (start it with --slots %d); using %d",
+                self.config.slots,
+                info.worker_slots,
+                self.config.slots,
+                info.worker_slots,
+            )
+            return info.worker_slots
+        return self.config.slots
+
+    async def _start_slot(self, index: int) -> tuple[_Slot, RuntimeInfo]:
+        """Spawn (or connect to) one worker and load the model in it."""
+        if self._spec is None:
+            raise EngineUnavailableError("the engine is not started")
+        config = self.config
+        client = WorkerClient(
+            config.worker,
+            env=config.env,
+            on_state=functools.partial(self._on_worker_state, index),
+            restart_backoff_s=config.restart_backoff_s,
+            abort_grace_s=config.abort_grace_s,
+        )
+        planner = PromptPlanner(
+            template_family=self._family,
+            context_length=config.context_length,
+            default_max_new_tokens=config.max_new_tokens,
+        )
+        slot = _Slot(index=index, client=client, planner=planner)
+        self._slots.append(slot)
+        try:
+            info = await client.start(self._spec)
+        except BaseException:
+            self._slots.remove(slot)
+            with contextlib.suppress(Exception):
+                await client.stop()
+            raise
+        return slot, info
+
+    def _grow(self, count: int) -> None:
+        """Load slots up to `count` in the background, one after another (two loads at once only compete)."""
+        if self._grow_task is not None and not self._grow_task.done():
+            return
+        self._scheduler.set_slot_count(count)
+        self._grow_task = asyncio.get_running_loop().create_task(self._load_slots(count), name="rkllm-slots")
+
+    async def _load_slots(self, count: int) -> None:
+        for index in range(len(self._slots), count):
+            self._scheduler.set_slot_availability(index, "starting")
+            started = time.monotonic()
+            try:
+                await self._start_slot(index)
+            except EngineError as err:
+                _LOGGER.warning("slot %d could not load the model (%s); serving with %d slot(s)", index, err, index)
+                self._scheduler.set_slot_availability(index, "failed")
+                return
+            if self._stopping:
+                return
+            _LOGGER.info("slot %d loaded in %.1f s", index, time.monotonic() - started)
+            self._scheduler.set_slot_availability(index, "ready")
+            self._publish_slot(self._slots[index])
+
+    def _maybe_grow_auto(self, perf: Perf) -> None:
+        """`slots: auto`: after the first run, add a second slot when free memory holds the model once more.
+
+        The model's size is the runtime's own figure (`perf.memory_usage_mb`); free memory is what the worker's
+        host reports (docs/voice.md §2). [Inf] On Rockchip boards the NPU's memory is system RAM, so
+        MemAvailable is the budget both copies share.
+        """
+        if self.config.slots is not None or len(self._slots) != 1 or self._grow_task is not None:
+            return
+        if self._worker_slots < AUTO_MAX_SLOTS or perf.memory_usage_mb <= 0:
+            return
+        self._grow_task = asyncio.get_running_loop().create_task(self._grow_if_memory(perf.memory_usage_mb))
+
+    async def _grow_if_memory(self, model_mb: float) -> None:
+        try:
+            reply = await self._slots[0].client.call("stats")
+        except EngineError:
+            return
+        available = reply.get("mem_available")
+        needed_mb = model_mb + AUTO_SLOT_HEADROOM_MB
+        if not isinstance(available, int) or available / (1024 * 1024) < needed_mb:
+            _LOGGER.info(
+                "slots auto: one slot (a second copy of the model needs %.0f MB, %s MB are available)",
+                needed_mb,
+                "unknown" if not isinstance(available, int) else f"{available / (1024 * 1024):.0f}",
+            )
+            return
+        _LOGGER.info(
+            "slots auto: %.0f MB available, loading a second copy of the model (%.0f MB)", available / 2**20, model_mb
+        )
+        self._grow_task = None
+        self._grow(AUTO_MAX_SLOTS)
+
+    async def _stop_slots(self) -> None:
+        slots, self._slots = self._slots, []
+        await asyncio.gather(*(slot.client.stop() for slot in slots), return_exceptions=True)
+
+    def _publish_slot(self, slot: _Slot) -> None:
+        """The slot's tools and KV fill in the metrics (the first slot's are the engine's own figures)."""
+        metrics = self._scheduler.metrics
+        slots = tuple(
+            dataclasses.replace(entry, tools_loaded=slot.tools_loaded, kv_cache_tokens=slot.kv_tokens)
+            if entry.index == slot.index
+            else entry
+            for entry in metrics.slots
+        )
+        if slot.index == 0:
+            metrics = dataclasses.replace(metrics, tools_loaded=slot.tools_loaded, kv_cache_tokens=slot.kv_tokens)
+        self._scheduler.update_metrics(dataclasses.replace(metrics, slots=slots))
+
     # -- worker supervision ------------------------------------------------------------------
 
-    def _on_worker_state(self, state: WorkerState) -> None:
-        """Follow the worker: hold the queue while it restarts, close it when it failed for good."""
-        client = self._client
-        restarts = client.restarts if client is not None else self._scheduler.metrics.restarts
-        failures = client.consecutive_failures if client is not None else 0
+    def _on_worker_state(self, index: int, state: WorkerState) -> None:
+        """Follow one slot's worker: hold that slot while it restarts; the engine fails when the first one does."""
+        slot = next((candidate for candidate in self._slots if candidate.index == index), None)
+        if slot is None:
+            return  # still starting (not in the list yet) or already stopped
+        clients = [candidate.client for candidate in self._slots]
+        restarts = sum(client.restarts for client in clients)
+        failures = max((client.consecutive_failures for client in clients), default=0)
+        restarting = any(client.state is WorkerState.RESTARTING for client in clients)
+        metrics = dataclasses.replace(
+            self._scheduler.metrics, restarts=restarts, consecutive_failures=failures, restarting=restarting
+        )
         if state is WorkerState.RESTARTING:
-            if self._planner is not None:
-                self._planner.invalidate()
-            self._scheduler.hold()
-            self._scheduler.update_metrics(
-                dataclasses.replace(
-                    self._scheduler.metrics,
-                    restarts=restarts,
-                    consecutive_failures=failures,
-                    restarting=True,
-                    tools_loaded=(),
-                    kv_cache_tokens=None,
-                    last_error=client.last_error if client is not None else None,
-                )
-            )
-            if self._started:
+            slot.planner.invalidate()
+            slot.tools_loaded, slot.kv_tokens = (), None
+            self._scheduler.update_metrics(dataclasses.replace(metrics, last_error=slot.client.last_error))
+            self._scheduler.set_slot_availability(index, "restarting")
+            self._publish_slot(slot)
+            if self._started and not any(c.state is WorkerState.READY for c in clients):
                 self._scheduler.set_base_state(EngineState.LOADING)
         elif state is WorkerState.READY and self._started and not self._stopping:
-            self._scheduler.update_metrics(
-                dataclasses.replace(
-                    self._scheduler.metrics,
-                    restarts=restarts,
-                    consecutive_failures=failures,
-                    restarting=False,
-                    stall=None,  # a fresh worker: whatever hung is gone
-                )
-            )
+            if not restarting:
+                metrics = dataclasses.replace(metrics, stall=None)  # a fresh worker: whatever hung is gone
+            self._scheduler.update_metrics(metrics)
+            self._scheduler.set_slot_availability(index, "ready")
             self._scheduler.set_base_state(EngineState.IDLE)
-            self._scheduler.resume()
         elif state is WorkerState.FAILED and not self._stopping:
-            reason = (client.last_error if client is not None else None) or self.last_problem() or "no reason recorded"
+            reason = slot.client.last_error or self.last_problem() or "no reason recorded"
+            if index != 0:
+                _LOGGER.warning("slot %d failed and is not restarted any more: %s", index, reason)
+                self._scheduler.update_metrics(metrics)
+                self._scheduler.set_slot_availability(index, "failed")
+                return
             self._scheduler.close(EngineUnavailableError(reason))
-            self._scheduler.update_metrics(
-                dataclasses.replace(
-                    self._scheduler.metrics, consecutive_failures=failures, restarting=False, stall=None
-                )
-            )
+            self._scheduler.update_metrics(dataclasses.replace(metrics, restarting=False, stall=None))
             self._scheduler.set_base_state(EngineState.ERROR, last_error=reason)
             self._started = False  # FAILED is terminal for the client: the owner recovers with start()
 
@@ -610,10 +787,11 @@ class Engine:
     async def _execute(
         self, request: ChatRequest | CompletionRequest, ticket: Ticket, emit: Callable[[_Item], None]
     ) -> bool:
-        """Run one request holding the slot; False when it was cancelled before it finished."""
-        client, planner = self._client, self._planner
-        if client is None or planner is None:
+        """Run one request on the slot it holds; False when it was cancelled before it finished."""
+        slot = next((candidate for candidate in self._slots if candidate.index == ticket.slot), None)
+        if slot is None:
             raise EngineUnavailableError(STOPPED_MESSAGE)
+        client, planner = slot.client, slot.planner
         granted_at = ticket.granted_at or time.monotonic()
         if client.state is not WorkerState.READY and not await self._wait_for_worker(client, ticket):
             return False
@@ -621,18 +799,21 @@ class Engine:
         completed = False
         try:
             cached_tokens = await self._prepare(client, plan)
-            self._update_tools_loaded(plan, request)
+            self._update_tools_loaded(slot, plan, request)
             if ticket.abort_requested:
                 return False
-            result = await self._generate(client, request, plan, ticket, granted_at, cached_tokens, emit)
+            result = await self._generate(slot, request, plan, ticket, granted_at, cached_tokens, emit)
             if result is None:
                 return False
             parse_result, natural_end = result
             if natural_end:
                 planner.on_run_finished(plan, parse_result)
                 completed = True
+                if parse_result.tool_calls and ticket.voice:
+                    self._scheduler.reserve_for_turn(ticket)  # its tool results come back to this slot next
             return True
         finally:
+            self._scheduler.set_resident(slot.index, planner.resident_key if completed else None)
             if not completed:
                 planner.invalidate()
 
@@ -673,8 +854,8 @@ class Engine:
                 )
             elif isinstance(op, ClearKV):
                 await client.call("clear_kv_cache", keep_system_prompt=op.keep_system_prompt)
-        if not plan.turn.keep_history:
-            return 0
+        if not plan.turn.keep_history or plan.mode == "reset":
+            return 0  # a new prefix reuses nothing, whatever the KV still counts of the old one (docs/voice.md §5)
         return await self._kv_size(client) or 0
 
     async def _kv_size(self, client: WorkerClient) -> int | None:
@@ -686,7 +867,7 @@ class Engine:
 
     async def _generate(
         self,
-        client: WorkerClient,
+        slot: _Slot,
         request: ChatRequest | CompletionRequest,
         plan: PromptPlan,
         ticket: Ticket,
@@ -695,6 +876,7 @@ class Engine:
         emit: Callable[[_Item], None],
     ) -> tuple[ParseResult, bool] | None:
         """Stream one run through the parser and emit its events; returns (parse result, ended naturally)."""
+        client = slot.client
         per_run = client.info is not None and client.info.profile == "v130"
         budget = request.max_new_tokens or self.config.max_new_tokens
         budget = max(1, min(budget, self.config.context_length - 1))
@@ -730,6 +912,13 @@ class Engine:
             forced=forced,
         )
         watch = _SilenceWatch(self, self._watchdog().first_token(plan.estimated_prompt_tokens - cached_tokens))
+
+        def pause_run(paused: bool) -> None:
+            """A voice turn holds the NPU: hold this run in its token callback (docs/voice.md §3)."""
+            watch.set_paused(paused)
+            stream.pause(paused)
+
+        ticket.set_pause(pause_run)
         try:
             seen = await self._consume(stream, parser, watch, emit, abort_run, budget if enforce_budget else None)
         except asyncio.CancelledError:
@@ -762,9 +951,11 @@ class Engine:
         )
         self._check_result(request, plan, parse_result)
         self._scheduler.record_run(ttft_s=ttft_s, perf=finished.perf)
+        _log_run(slot.index, plan, finished)
         # Before Finished: once the caller has it, the slot is released without another await.
-        await self._refresh_kv_metric(client)
+        await self._refresh_kv_metric(slot)
         emit([*parse_result.events, finished])
+        self._maybe_grow_auto(finished.perf)
         natural_end = stream.finished is not None and not stream.finished.aborted
         return parse_result, natural_end
 
@@ -908,15 +1099,15 @@ class Engine:
                 f"(plan {plan.mode}{wrote})"
             )
 
-    async def _refresh_kv_metric(self, client: WorkerClient) -> None:
+    async def _refresh_kv_metric(self, slot: _Slot) -> None:
         try:
-            kv_tokens = await self._kv_size(client)
+            slot.kv_tokens = await self._kv_size(slot.client)
         except EngineError:
             return
-        self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, kv_cache_tokens=kv_tokens))
+        self._publish_slot(slot)
 
-    def _update_tools_loaded(self, plan: PromptPlan, request: ChatRequest | CompletionRequest) -> None:
-        """`tools_loaded` = names of the tools in the resident static prefix."""
+    def _update_tools_loaded(self, slot: _Slot, plan: PromptPlan, request: ChatRequest | CompletionRequest) -> None:
+        """A slot's `tools_loaded` = names of the tools in its resident static prefix."""
         tools: tuple[str, ...] | None = None
         for op in plan.prep:
             if isinstance(op, SetFunctionTools):
@@ -925,4 +1116,5 @@ class Engine:
                 forced_tools = request.tools if isinstance(request, ChatRequest) and plan.mode == "forced" else []
                 tools = _tool_names(json.dumps(forced_tools))
         if tools is not None:
-            self._scheduler.update_metrics(dataclasses.replace(self._scheduler.metrics, tools_loaded=tools))
+            slot.tools_loaded = tools
+            self._publish_slot(slot)

@@ -17,6 +17,7 @@ the plan, then reports back with `on_run_finished` (or `invalidate` on any failu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -202,6 +203,11 @@ class PromptPlan:
 
 
 # --- request normalisation -------------------------------------------------------------------------------------------
+
+
+def _prefix_key(template: str, template_key: tuple[str, ...]) -> str:
+    digest = hashlib.sha256("\x00".join(template_key).encode("utf-8", "replace")).hexdigest()[:16]
+    return f"{template}:{digest}"
 
 
 def _canonical_json(text: str) -> str:
@@ -465,6 +471,26 @@ class PromptPlanner:
     def resident_tokens_estimate(self) -> int:
         """Estimated tokens the KV cache holds now (0 when the state is not known)."""
         return self._state.tokens if self._state else 0
+
+    @property
+    def resident_key(self) -> str | None:
+        """What the KV's prompt prefix is, comparable with `affinity_key` (None while not known)."""
+        return None if self._state is None else _prefix_key(self._state.template, self._state.template_key)
+
+    def affinity_key(self, request: ChatRequest | CompletionRequest) -> str:
+        """The prompt prefix `request` would keep resident: requests with the same key reuse each other's KV.
+
+        The scheduler sends a request to a slot whose `resident_key` equals it (docs/voice.md §2).
+        """
+        if isinstance(request, CompletionRequest):
+            return _prefix_key("raw", ())
+        tools_enabled = bool(request.tools) and request.tool_choice != "none"
+        tools_json = json.dumps(request.tools if tools_enabled else [], ensure_ascii=False, separators=(",", ":"))
+        try:
+            system_prompt = _split_conversation(request.messages).system_prompt
+        except InvalidRequestError:
+            system_prompt = ""
+        return _prefix_key("builtin", (system_prompt, tools_json))
 
     @property
     def resident_tool_names(self) -> tuple[str, ...]:

@@ -14,7 +14,12 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 
 class Priority(enum.IntEnum):
-    """Lower value is served first: voice/Assist turns go before API clients."""
+    """Lower value is served first: voice/Assist turns go before API clients (docs/voice.md).
+
+    CONVERSATION: a conversation agent's turn (voice or typed Assist): never refused for API traffic, served on
+    the voice slot, pauses other generations. API: the OpenAI-compatible API (also its agent models). BACKGROUND:
+    work nobody waits for in real time (AI tasks from automations).
+    """
 
     CONVERSATION = 0
     API = 1
@@ -77,6 +82,7 @@ class ChatRequest:
     dynamic_context: str | None = None
     priority: Priority = Priority.API
     json_mode: bool = False  # response_format json_object/json_schema: an instruction in the turn; caller validates
+    turn_id: str | None = None  # the conversation turn this round belongs to: its rounds keep their slot
 
 
 @dataclass(slots=True)
@@ -182,6 +188,18 @@ Event = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | ToolCal
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy", "loading"]
+SlotState = Literal["starting", "idle", "generating", "paused", "restarting", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotMetrics:
+    """One runtime context ("slot"): what it serves, what it does, which tools are resident in its prefix."""
+
+    index: int
+    role: Literal["voice", "general", "any"]
+    state: SlotState = "starting"
+    tools_loaded: tuple[str, ...] = ()
+    kv_cache_tokens: int | None = None
 
 
 class EngineState(enum.StrEnum):
@@ -217,6 +235,8 @@ class EngineMetrics:
     restarting: bool = False  # the worker died after it had been ready and is being brought back
     stall: str | None = None  # a run is past its expected time (or the watchdog just ended one): why
     watchdog_fired: int = 0  # runs the no-progress watchdog ended since the engine started
+    slots: tuple[SlotMetrics, ...] = ()
+    last_voice_response_s: float | None = None  # a conversation turn: command received → first spoken text
     toolkit_version: str | None = None  # rkllm-toolkit version the loaded model was converted with
 
     @property
@@ -283,6 +303,9 @@ UnavailableReason = Literal[
     "worker_busy",  # the remote worker serves another client
     "worker_start_failed",  # the local worker could not be spawned, or died while loading
     "npu_out_of_memory",  # the runtime could not get NPU memory; another process may free it
+    "worker_unverified",  # the remote worker could not prove it knows the shared secret (treated like a wrong one)
+    "fingerprint_mismatch",  # the remote worker's TLS certificate is not the pinned one
+    "tls_mismatch",  # one side speaks TLS and the other does not (fingerprint set, or missing, in HA)
 ]
 IncompatibleReason = Literal[
     "library_missing",  # librkllmrt is not at the configured path
@@ -292,6 +315,7 @@ IncompatibleReason = Literal[
     "model_platform_mismatch",  # the model was converted for another SoC
     "init_failed",  # rkllm_init refused the settings (context length, CPU cores …)
     "protocol_mismatch",  # the worker speaks another protocol version (install the same rkllm on both sides)
+    "path_not_allowed",  # the worker was not started with this library/model (--library, --model, --models-dir)
 ]
 
 

@@ -2,23 +2,22 @@
 
 A frame is a 4-byte big-endian length followed by one UTF-8 JSON object. Requests carry `"op"` and an
 integer `"id"`; everything the worker sends on its own carries `"ev"`. The same frames travel over the
-local socketpair and over TCP to a remote worker; TCP adds an HMAC challenge/response first.
+local socketpair and over TCP to a remote worker; TCP adds a mutual handshake on the shared secret and a MAC on
+every later frame (`rkllm_native.channel`, docs/worker-channel.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
-import secrets
 import socket
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-PROTOCOL_VERSION: Final = 1
+# 2: mutual authentication and per-frame MACs on TCP (docs/worker-channel.md); version 1 clients cannot connect.
+PROTOCOL_VERSION: Final = 2
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 HEADER: Final = struct.Struct(">I")
 
@@ -27,6 +26,8 @@ OP_HELLO: Final = "hello"
 OP_INIT: Final = "init"
 OP_RUN: Final = "run"
 OP_ABORT: Final = "abort"
+OP_PAUSE: Final = "pause"
+OP_RESUME: Final = "resume"
 OP_CLEAR_KV_CACHE: Final = "clear_kv_cache"
 OP_GET_KV_CACHE_SIZE: Final = "get_kv_cache_size"
 OP_SET_FUNCTION_TOOLS: Final = "set_function_tools"
@@ -36,6 +37,9 @@ OP_RELEASE_PROMPT_CACHE: Final = "release_prompt_cache"
 OP_LOAD_LORA: Final = "load_lora"
 OP_STATS: Final = "stats"
 OP_SHUTDOWN: Final = "shutdown"
+OP_CHECK_PATHS: Final = "check_paths"
+# Handshake frames of a remote connection (rkllm_native.channel); never sent with call().
+OP_CLIENT_HELLO: Final = "client_hello"
 OP_AUTH: Final = "auth"
 OPS: Final = frozenset(
     {
@@ -43,6 +47,8 @@ OPS: Final = frozenset(
         OP_INIT,
         OP_RUN,
         OP_ABORT,
+        OP_PAUSE,
+        OP_RESUME,
         OP_CLEAR_KV_CACHE,
         OP_GET_KV_CACHE_SIZE,
         OP_SET_FUNCTION_TOOLS,
@@ -52,6 +58,7 @@ OPS: Final = frozenset(
         OP_LOAD_LORA,
         OP_STATS,
         OP_SHUTDOWN,
+        OP_CHECK_PATHS,
     }
 )
 
@@ -65,6 +72,8 @@ EV_CHALLENGE: Final = "challenge"
 EV_AUTH_OK: Final = "auth_ok"
 EV_AUTH_FAILED: Final = "auth_failed"
 EV_BUSY: Final = "busy"
+EV_READY: Final = "ready"  # first sealed frame of a session: the worker is all this client's
+EV_TLS_REQUIRED: Final = "tls_required"  # a worker with --tls-cert answers a client that did not start TLS
 
 # Error kinds in failed replies and run_error events; the client maps them onto engine errors.
 KIND_BAD_REQUEST: Final = "bad_request"
@@ -77,8 +86,12 @@ KIND_RUNTIME_ERROR: Final = "runtime_error"
 KIND_CONTEXT_OVERFLOW: Final = "context_overflow"
 KIND_INVALID_INPUT: Final = "invalid_input"
 KIND_UNSUPPORTED: Final = "unsupported"
+KIND_PATH_NOT_ALLOWED: Final = "path_not_allowed"  # not a --library/--model/--models-dir the worker serves
 
 BUSY_MESSAGE: Final = "busy: another client is connected"
+TLS_REQUIRED_MESSAGE: Final = (
+    "this worker speaks TLS only: enter the certificate fingerprint it printed at start in Home Assistant"
+)
 
 # Facts of a failed init (`error.facts`, all strings): what the binding's typed error knew, plus what the runtime
 # printed. The client turns `code` + facts into a typed engine error, so nobody has to parse the message.
@@ -121,17 +134,22 @@ def scrub_text(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+def encode_payload(message: dict[str, Any]) -> bytes:
+    """One message as UTF-8 JSON (the body of a plain or sealed frame); lone surrogates are replaced."""
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return scrub_text(text).encode("utf-8")
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
     """Serialise one message; refuses frames the peer would reject so the error shows on the sending side.
 
     Never raises for the text a message carries: lone surrogates are replaced (`scrub_text`). Only a frame over
     `MAX_FRAME_BYTES` raises `ProtocolError`.
     """
-    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-    try:
-        payload = text.encode("utf-8")
-    except UnicodeEncodeError:
-        payload = scrub_text(text).encode("utf-8")
+    payload = encode_payload(message)
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return HEADER.pack(len(payload)) + payload
@@ -153,6 +171,8 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not valid UTF-8: {err.reason} at byte {err.start}") from err
     except json.JSONDecodeError as err:
         raise ProtocolError(f"frame is not valid JSON: {err.msg} at position {err.pos}") from err
+    except RecursionError as err:  # hostile nesting ([[[[…): refuse it like any other malformed frame
+        raise ProtocolError("frame nests JSON too deeply") from err
     if not isinstance(message, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(message).__name__}")
     return message
@@ -308,7 +328,7 @@ def _require_int(message: dict[str, Any], key: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Shared-secret authentication for TCP
+# TCP: keepalive and the shared-secret file (the handshake itself is in rkllm_native.channel)
 # ---------------------------------------------------------------------------
 
 
@@ -345,20 +365,3 @@ def read_secret_file(path: str | Path) -> str:
     if not secret:
         raise SecretFileError(f"secret file {secret_path} is empty (the secret is its first line)")
     return secret
-
-
-def new_nonce() -> str:
-    """A fresh random challenge per connection, so a recorded answer cannot be replayed."""
-    return secrets.token_hex(32)
-
-
-def compute_mac(secret: str, nonce: str) -> str:
-    """HMAC-SHA256 of the nonce under the shared secret, as hex."""
-    return hmac.new(secret.encode("utf-8"), nonce.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def verify_mac(secret: str, nonce: str, mac: object) -> bool:
-    """Constant-time check of a client's answer."""
-    if not isinstance(mac, str):
-        return False
-    return hmac.compare_digest(compute_mac(secret, nonce).encode("ascii"), mac.encode("utf-8", "replace"))

@@ -2,8 +2,10 @@
 
 A native crash in librkllmrt must not take Home Assistant down (DESIGN.md decision 2), and musl hosts need
 the runtime on a glibc machine (decision 3), so the handle lives here: locally on an inherited socketpair
-(`--fd N`) or remotely on TCP (`--listen HOST:PORT --secret-file FILE`). Run it as
-`python -m rkllm_native.worker`.
+(`--fd N`) or remotely on TCP (`--listen HOST:PORT --secret-file FILE [--tls-cert FILE --tls-key FILE]`). Run
+it as `python -m rkllm_native.worker`. It opens only the libraries and models it was started with (`--library`,
+`--model`, `--models-dir`, or `--config FILE`; rkllm_native.allowlist). A remote client and the worker prove the
+shared secret to each other, and every later frame carries a MAC (rkllm_native.channel, docs/worker-channel.md).
 
 Remote deployment: run it under a service manager that restarts it (systemd `Restart=always`). A run that ignores
 abort past its grace (the client's `abort_grace_s` plus a margin, or `--abort-grace` when the client vanished)
@@ -13,6 +15,7 @@ makes the worker exit with code 75, because only a fresh process gives a clean r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import faulthandler
@@ -22,6 +25,7 @@ import queue
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -30,7 +34,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
-from rkllm_native import logparse, protocol
+from rkllm_native import channel, logparse, protocol
+from rkllm_native.allowlist import AllowList, AllowListConfigError, PathNotAllowedError
 
 if TYPE_CHECKING:
     from rkllm_native.runtime import PerfStat, Runtime
@@ -43,9 +48,14 @@ SYNC_TIMEOUT_S: Final = 2.0
 MAX_BATCH_FRAMES: Final = 512
 AUTH_TIMEOUT_S: Final = 10.0
 SESSION_HANDOVER_S: Final = 2.0
+# Connections still in the handshake at once; more are closed at once (a flood cannot starve the accept loop).
+MAX_PENDING_HANDSHAKES: Final = 8
+# A shorter shared secret is worth a warning: its proofs can be guessed offline (docs/worker-channel.md).
+MIN_SECRET_CHARS: Final = 16
 EXIT_ABORT_TIMEOUT: Final = 75
 EXIT_USAGE: Final = 2
 EXIT_STARTUP: Final = 3
+MAX_WORKER_SLOTS: Final = 4
 
 
 class TerminateRequested(Exception):
@@ -126,7 +136,7 @@ class LogTap:
         self._synced = 0
         self._sync_counter = 0
         self._cond = threading.Condition()
-        self._listener: Callable[[str], None] | None = None
+        self._listeners: list[Callable[[str], None]] = []
         self._thread = threading.Thread(target=self._pump, name="rkllm-log-tap", daemon=True)
         self._thread.start()
 
@@ -136,10 +146,21 @@ class LogTap:
         with self._cond:
             return self._count
 
-    def set_listener(self, listener: Callable[[str], None] | None) -> None:
-        """Route new lines to the connected client (None while nobody is connected)."""
+    def add_listener(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Route new lines to a connected client too; returns the function that stops it.
+
+        The runtime prints to the process's stdout, so with several runtime contexts in one remote worker every
+        connected client sees every line (docs/voice.md §2).
+        """
         with self._cond:
-            self._listener = listener
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._cond:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
 
     def lines_since(self, mark: int) -> list[str]:
         """Lines seen after `mark` that are still in the ring."""
@@ -193,8 +214,8 @@ class LogTap:
         with self._cond:
             self._lines.append((self._count, line))
             self._count += 1
-            listener = self._listener
-        if listener is not None:
+            listeners = list(self._listeners)
+        for listener in listeners:
             listener(line)
 
     def _pump(self) -> None:
@@ -234,8 +255,8 @@ class Outbox:
     merges text pieces that queued up into one frame: cheap at high token rates.
     """
 
-    def __init__(self, sock: socket.socket, tap: LogTap) -> None:
-        self._sock = sock
+    def __init__(self, conn: channel.FrameChannel, tap: LogTap) -> None:
+        self._conn = conn
         self._tap = tap
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._alive = True
@@ -278,10 +299,10 @@ class Outbox:
                 frames.append(item)
             if self._alive:
                 try:
-                    protocol.send_frames(self._sock, merge_text_events(frames))
+                    self._conn.send_many(merge_text_events(frames))
                 except (OSError, protocol.ProtocolError) as err:
                     self._alive = False
-                    self._tap.fatal(f"cannot send to the client: {err}")
+                    self._tap.fatal(f"cannot send to {self._conn.peer}: {err}")
             if stop:
                 return
 
@@ -329,6 +350,12 @@ class ActiveRun:
     thread: threading.Thread | None = None
     abort_requested: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Cleared while the run is paused: the token callback waits on it (docs/voice.md §3); set to let it go on.
+    running: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        """A run starts running (not paused)."""
+        self.running.set()
 
 
 class EventSink:
@@ -341,9 +368,15 @@ class EventSink:
         self.tokens = 0
 
     def on_text(self, text: str, token_id: int) -> bool:
-        """Queue one piece; never pause (the engine decides what to keep)."""
+        """Queue one piece, then wait here while the run is paused (the runtime computes nothing meanwhile).
+
+        [Inf] The runtime calls the callback on its inference thread between two decode steps, so holding it
+        only delays the next step and leaves the NPU to other runtime contexts (docs/runtime.md Appendix C).
+        Never returns "pause" to the runtime: the engine decides what to keep.
+        """
         self.tokens += 1
         self._run.outbox.put(protocol.text_event(self._run.run_id, text, token_id))
+        self._run.running.wait()
         return False
 
     def on_finish(self, perf: PerfStat) -> None:
@@ -388,6 +421,19 @@ def _read_proc_status() -> dict[str, int]:
     return result
 
 
+def _mem_available() -> int | None:
+    """MemAvailable of this host in bytes (the budget a second runtime context would take from), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Request handling
 # ---------------------------------------------------------------------------
@@ -421,10 +467,15 @@ def _bool_arg(message: dict[str, Any], key: str, default: bool) -> bool:
 class Worker:
     """Owns the runtime and serves one connection at a time; survives reconnects (remote mode)."""
 
-    def __init__(self, tap: LogTap, *, remote: bool, abort_grace_s: float) -> None:
+    def __init__(
+        self, tap: LogTap, *, remote: bool, abort_grace_s: float, allow: AllowList, slot: int = 0, slots: int = 1
+    ) -> None:
         self.tap = tap
         self.remote = remote
+        self.slot = slot  # which runtime context of this process (a remote worker may hold several)
+        self.slots = slots
         self.abort_grace_s = abort_grace_s
+        self.allow = allow
         self.runtime: Runtime | None = None
         self.init_key: str | None = None
         self.init_reply: dict[str, Any] = {}
@@ -435,19 +486,24 @@ class Worker:
 
     # -- connection -------------------------------------------------------
 
-    def serve(self, sock: socket.socket) -> bool:
-        """Serve one connection until EOF or shutdown; True when the process should exit."""
-        outbox = Outbox(sock, self.tap)
-        self.tap.set_listener(lambda line: outbox.put(protocol.log_event(line)))
+    def serve(self, conn: channel.FrameChannel) -> bool:
+        """Serve one connection until EOF or shutdown; True when the process should exit.
+
+        A frame that is malformed, oversized, truncated or fails its MAC ends the connection with the reason on
+        stderr (the journal of a remote worker); a remote worker then serves its next client.
+        """
+        outbox = Outbox(conn, self.tap)
+        stop_forwarding = self.tap.add_listener(lambda line: outbox.put(protocol.log_event(line)))
         exit_requested = False
         try:
             while True:
                 try:
-                    message = protocol.recv_frame(sock)
+                    message = conn.recv()
                 except protocol.ProtocolError as err:
-                    self.tap.fatal(f"closing the connection: {err}")
+                    self.tap.fatal(f"closing the connection from {conn.peer}: {err}")
                     break
-                except OSError:
+                except OSError as err:
+                    self.tap.fatal(f"lost the connection from {conn.peer}: {err.strerror or err}")
                     break
                 if message is None:
                     break
@@ -456,7 +512,7 @@ class Worker:
                     exit_requested = not self.remote
                     break
         finally:
-            self.tap.set_listener(None)
+            stop_forwarding()
             self.stop_run(self.abort_grace_s)
             outbox.close()
         return exit_requested
@@ -499,6 +555,8 @@ class Worker:
             protocol.OP_INIT: self.op_init,
             protocol.OP_RUN: self.op_run,
             protocol.OP_ABORT: self.op_abort,
+            protocol.OP_PAUSE: self.op_pause,
+            protocol.OP_RESUME: self.op_resume,
             protocol.OP_CLEAR_KV_CACHE: self.op_clear_kv_cache,
             protocol.OP_GET_KV_CACHE_SIZE: self.op_get_kv_cache_size,
             protocol.OP_SET_FUNCTION_TOOLS: self.op_set_function_tools,
@@ -508,6 +566,7 @@ class Worker:
             protocol.OP_LOAD_LORA: self.op_load_lora,
             protocol.OP_STATS: self.op_stats,
             protocol.OP_SHUTDOWN: self.op_shutdown,
+            protocol.OP_CHECK_PATHS: self.op_check_paths,
         }
 
     def _classify_runtime_error(self, err: Exception, *, with_log: bool = True) -> tuple[str, str]:
@@ -538,6 +597,19 @@ class Worker:
             raise OpError(protocol.KIND_NOT_INITIALIZED, "the runtime is not initialised yet (send 'init' first)")
         return self.runtime
 
+    def _allowed(self, check: Callable[[str], str], path: str) -> str:
+        """The real path to open, or the `path_not_allowed` refusal naming the path and the flag to add."""
+        try:
+            return check(path)
+        except PathNotAllowedError as err:
+            self.tap.fatal(f"refused: {err.message}")
+            raise OpError(
+                protocol.KIND_PATH_NOT_ALLOWED, err.message, facts={"path": err.path, "flag": err.flag}
+            ) from err
+
+    def _allowed_model_file(self, path: str, what: str) -> str:
+        return self._allowed(lambda value: self.allow.model(value, what), path)
+
     def _require_idle(self, op: str) -> Runtime:
         runtime = self._require_runtime()
         with self._lock:
@@ -563,12 +635,29 @@ class Worker:
             "mode": "remote" if self.remote else "local",
             "initialized": self.runtime is not None,
             "python": sys.version.split()[0],
+            "slot": self.slot,
+            "slots": self.slots,
         }
 
+    def op_check_paths(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
+        """Would `init` accept this library and model? Loads nothing (the config flow asks before saving)."""
+        library_path = _opt_str_arg(message, "library_path")
+        model_path = _opt_str_arg(message, "model_path")
+        if library_path is not None:
+            self._allowed(self.allow.library, library_path)
+        if model_path is not None:
+            self._allowed(self.allow.model, model_path)
+        return {}
+
     def op_init(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
-        """Load library and model; a repeated identical spec reuses the loaded runtime (loading is slow)."""
+        """Load library and model; a repeated identical spec reuses the loaded runtime (loading is slow).
+
+        Only files on the allow-list are opened, by their resolved real path (no symlink or `..` escape).
+        """
         library_path = _str_arg(message, "library_path")
         model_path = _str_arg(message, "model_path")
+        real_library = self._allowed(self.allow.library, library_path)
+        real_model = self._allowed(self.allow.model, model_path)
         profile = _opt_str_arg(message, "profile")
         params = message.get("params") or {}
         if not isinstance(params, dict):
@@ -579,11 +668,11 @@ class Worker:
         )
         if self.runtime is not None and key == self.init_key:
             return {**self.init_reply, "reused": True}
-        runtime_params = build_runtime_params(model_path, params)  # refuse bad keys before unloading anything
+        runtime_params = build_runtime_params(real_model, params)  # refuse bad keys before unloading anything
         if self.runtime is not None:
             self._require_idle("init")
             self._destroy_runtime()
-        return {**self._load(library_path, profile, runtime_params, key), "reused": False}
+        return {**self._load(real_library, profile, runtime_params, key), "reused": False}
 
     def _load(self, library_path: str, profile: str | None, runtime_params: Any, key: str) -> dict[str, Any]:
         from rkllm_native import errors
@@ -642,6 +731,8 @@ class Worker:
             raise OpError(protocol.KIND_BAD_REQUEST, "'run' needs 'sampling' as an object or null")
         lora_name = _opt_str_arg(message, "lora_name")
         save_path = _opt_str_arg(message, "save_prompt_cache_path")
+        if save_path is not None:
+            save_path = self._allowed_model_file(save_path, "prompt cache")
         if role not in ("user", "tool"):
             raise OpError(protocol.KIND_INVALID_INPUT, f"run role must be 'user' or 'tool', got {role!r}")
         run_input, run_options = build_run_request(
@@ -743,8 +834,28 @@ class Worker:
         self._abort(run, float(grace) if grace is not None else None)
         return {"was_running": True}
 
+    def op_pause(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
+        """Hold the run in its token callback until `resume` (or an abort) lets it go on."""
+        return self._set_running(_int_arg(message, "run"), running=False)
+
+    def op_resume(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
+        """Let a paused run go on."""
+        return self._set_running(_int_arg(message, "run"), running=True)
+
+    def _set_running(self, run_id: int, *, running: bool) -> dict[str, Any]:
+        with self._lock:
+            run = self._run
+        if run is None or run.run_id != run_id:
+            return {"was_running": False}
+        if running or run.abort_requested:
+            run.running.set()
+        else:
+            run.running.clear()
+        return {"was_running": True}
+
     def _abort(self, run: ActiveRun, grace_s: float | None) -> None:
         run.abort_requested = True
+        run.running.set()  # a paused run must reach the runtime's abort check
         if self.runtime is not None:
             try:
                 self.runtime.abort()
@@ -816,7 +927,7 @@ class Worker:
     def op_load_prompt_cache(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
         """Preload a saved prefill state."""
         runtime = self._require_idle("load_prompt_cache")
-        path = _str_arg(message, "path")
+        path = self._allowed_model_file(_str_arg(message, "path"), "prompt cache")
         runtime.load_prompt_cache(path)
         return {}
 
@@ -828,7 +939,7 @@ class Worker:
     def op_load_lora(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
         """Load a LoRA adapter that runs can select by name."""
         runtime = self._require_idle("load_lora")
-        path = _str_arg(message, "path")
+        path = self._allowed_model_file(_str_arg(message, "path"), "LoRA adapter")
         name = _str_arg(message, "name")
         scale = message.get("scale", 1.0)
         if not isinstance(scale, int | float) or isinstance(scale, bool):
@@ -843,6 +954,7 @@ class Worker:
             running = None if self._run is None else self._run.run_id
         return {
             "pid": os.getpid(),
+            "mem_available": _mem_available(),
             "rss": status.get("VmRSS"),
             "hwm": status.get("VmHWM"),
             "runs_served": self.runs_served,
@@ -966,21 +1078,48 @@ def build_run_request(
 # ---------------------------------------------------------------------------
 
 
-class RemoteServer:
-    """Accepts TCP clients, authenticates them, and hands one at a time to the main thread."""
+class HandshakeFailed(Exception):
+    """A connection that did not complete the mutual handshake; the message is the reason the worker logs."""
 
-    def __init__(self, worker: Worker, host: str, port: int, secret: str) -> None:
-        self.worker = worker
+
+def describe_peer(peer: tuple[Any, ...]) -> str:
+    """`host:port` of a TCP peer, `[v6]:port` for IPv6."""
+    host = str(peer[0])
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
+class RemoteServer:
+    """Accepts TCP (optionally TLS) clients, runs the mutual handshake, and hands one at a time to the main thread.
+
+    Each connection is authenticated on its own thread (at most MAX_PENDING_HANDSHAKES at once), so a silent or
+    hostile peer cannot hold the accept loop; only an authenticated client competes for the one session, and its
+    "busy" answer is itself authenticated.
+    """
+
+    def __init__(
+        self, workers: list[Worker], host: str, port: int, secret: str, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.workers = workers
+        self.worker = workers[0]
         self.secret = secret
+        self.tls = tls
         self.listener = socket.create_server((host, port), backlog=8)
         self.address = self.listener.getsockname()
-        self._handoff: queue.Queue[socket.socket] = queue.Queue()
-        self._session = threading.Lock()
+        # One session per runtime context (`--slots`); a free context keeps its model loaded for the next client.
+        self._free: queue.Queue[Worker] = queue.Queue()
+        for worker in workers:
+            self._free.put(worker)
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._thread = threading.Thread(target=self._accept_loop, name="rkllm-accept", daemon=True)
 
     def start(self) -> None:
         """Begin accepting in the background."""
         self._thread.start()
+
+    def _log(self, line: str) -> None:
+        """A connection event: on stderr (the service's journal) and in the ring the connected client sees."""
+        self.worker.tap.fatal(line)
+        self.worker.tap.emit(f"rkllm-worker: {line}")
 
     def _accept_loop(self) -> None:
         while True:
@@ -988,66 +1127,134 @@ class RemoteServer:
                 conn, peer = self.listener.accept()
             except OSError:
                 return
-            # A client that just disconnected may still be winding down (abort, flush): give it a moment, so a
-            # quick reconnect (e.g. an integration reload) is not refused as busy.
-            if not self._session.acquire(timeout=SESSION_HANDOVER_S):
-                self._refuse(conn, protocol.EV_BUSY, protocol.BUSY_MESSAGE)
-                self.worker.tap.emit(f"rkllm-worker: refused {peer[0]}:{peer[1]}: {protocol.BUSY_MESSAGE}")
+            where = describe_peer(peer)
+            if not self._pending.acquire(blocking=False):
+                self._log(f"refused {where}: {MAX_PENDING_HANDSHAKES} handshakes are already in progress")
+                conn.close()
                 continue
-            if self._authenticate(conn, peer):
-                conn.settimeout(None)
-                # Without it a client that vanished silently would hold the only session until a manual restart.
-                protocol.enable_keepalive(conn)
-                self._handoff.put(conn)
-            else:
-                self._session.release()
+            threading.Thread(target=self._admit, args=(conn, where), name="rkllm-handshake", daemon=True).start()
 
-    def _authenticate(self, conn: socket.socket, peer: tuple[Any, ...]) -> bool:
-        """HMAC challenge/response; a wrong answer gets `auth_failed` and the connection is closed."""
-        nonce = protocol.new_nonce()
+    def _admit(self, conn: socket.socket, where: str) -> None:
+        """Authenticate one connection, then wait briefly for the session; never raises (the thread just ends)."""
         try:
-            conn.settimeout(AUTH_TIMEOUT_S)
-            challenge = {"ev": protocol.EV_CHALLENGE, "nonce": nonce, "version": protocol.PROTOCOL_VERSION}
-            protocol.send_frame(conn, challenge)
-            answer = protocol.recv_frame(conn)
+            try:
+                session = self._handshake(conn, where)
+            finally:
+                self._pending.release()
+        except HandshakeFailed as err:
+            self._log(f"refused {where}: {err}")
+            conn.close()
+            return
         except (OSError, protocol.ProtocolError) as err:
-            self.worker.tap.emit(f"rkllm-worker: handshake with {peer[0]}:{peer[1]} failed: {err}")
+            self._log(f"handshake with {where} failed: {err}")
             conn.close()
-            return False
-        if (
-            answer is None
-            or answer.get("op") != protocol.OP_AUTH
-            or not protocol.verify_mac(self.secret, nonce, answer.get("mac"))
-        ):
-            self._refuse(conn, protocol.EV_AUTH_FAILED, "authentication failed: wrong shared secret")
-            self.worker.tap.emit(f"rkllm-worker: {peer[0]}:{peer[1]} sent a wrong secret")
-            return False
-        try:
-            protocol.send_frame(conn, {"ev": protocol.EV_AUTH_OK})
-        except OSError:
+            return
+        except Exception as err:  # noqa: BLE001 - whatever a peer sends, the worker logs it and goes on
+            self._log(f"handshake with {where} failed: {type(err).__name__}: {err}")
             conn.close()
-            return False
-        return True
-
-    @staticmethod
-    def _refuse(conn: socket.socket, event: str, message: str) -> None:
+            return
+        # A client that just disconnected may still be winding down (abort, flush): give it a moment, so a
+        # quick reconnect (e.g. an integration reload) is not refused as busy.
         try:
-            conn.settimeout(2.0)
-            protocol.send_frame(conn, {"ev": event, "message": message})
-        except OSError:
-            pass
+            worker = self._free.get(timeout=SESSION_HANDOVER_S)
+        except queue.Empty:
+            with contextlib.suppress(OSError, protocol.ProtocolError):
+                session.send({"ev": protocol.EV_BUSY, "message": protocol.BUSY_MESSAGE})
+            session.close()
+            self._log(f"refused {where}: {protocol.BUSY_MESSAGE}")
+            return
+        try:
+            session.send({"ev": protocol.EV_READY})
+        except (OSError, protocol.ProtocolError) as err:
+            self._log(f"lost {where} right after the handshake: {err}")
+            session.close()
+            self._free.put(worker)
+            return
+        if len(self.workers) > 1:
+            self._log(f"{where} uses runtime context {worker.slot} of {len(self.workers)}")
+        try:
+            worker.serve(session)
         finally:
-            conn.close()
+            session.close()
+            self._free.put(worker)
+
+    def _handshake(self, conn: socket.socket, where: str) -> channel.FrameChannel:
+        """TLS (when configured), then the mutual proof of the secret; the sealed channel of an authenticated client.
+
+        Raises HandshakeFailed with the reason to log; the client gets `auth_failed` only when its proof was wrong.
+        """
+        conn.settimeout(AUTH_TIMEOUT_S)
+        # Without it a client that vanished silently would hold the only session until a manual restart.
+        protocol.enable_keepalive(conn)
+        first = conn.recv(1, socket.MSG_PEEK)
+        if not first:
+            raise HandshakeFailed("closed the connection before the handshake")
+        stream: socket.socket = conn
+        if self.tls is not None:
+            if first[0] != channel.TLS_HANDSHAKE_RECORD:
+                refusal = {"ev": protocol.EV_TLS_REQUIRED, "message": protocol.TLS_REQUIRED_MESSAGE}
+                with contextlib.suppress(OSError):
+                    protocol.send_frame(conn, refusal)
+                raise HandshakeFailed(
+                    "did not start TLS; this worker runs with --tls-cert, so Home Assistant needs its certificate "
+                    "fingerprint"
+                )
+            try:
+                stream = self.tls.wrap_socket(conn, server_side=True)
+            except ssl.SSLError as err:
+                raise HandshakeFailed(f"TLS handshake failed: {err.reason or err}") from err
+        elif first[0] == channel.TLS_HANDSHAKE_RECORD:
+            raise HandshakeFailed(
+                "started TLS, but this worker runs without --tls-cert/--tls-key (clear the TLS fingerprint in Home "
+                "Assistant, or restart the worker with a certificate)"
+            )
+        plain = channel.FrameChannel(stream, peer=where, max_frame_bytes=channel.MAX_HANDSHAKE_FRAME_BYTES)
+        worker_nonce = channel.new_nonce()
+        plain.send(channel.challenge(worker_nonce))
+        hello = plain.recv()
+        if hello is None:
+            raise HandshakeFailed("closed the connection during the handshake")
+        if hello.get("op") != protocol.OP_CLIENT_HELLO:
+            plain.send({"ev": protocol.EV_AUTH_FAILED, "message": "protocol mismatch: update rkllm on both sides"})
+            raise HandshakeFailed(
+                f"sent {hello.get('op')!r} instead of a client_hello (an rkllm older than protocol "
+                f"{protocol.PROTOCOL_VERSION}?); install the same rkllm version on both sides"
+            )
+        version = hello.get("version")
+        if version != protocol.PROTOCOL_VERSION:
+            raise HandshakeFailed(
+                f"speaks protocol {version!r}, this worker {protocol.PROTOCOL_VERSION}; install the same rkllm version "
+                "on both sides"
+            )
+        keys = channel.derive_keys(self.secret, protocol.PROTOCOL_VERSION, channel.nonce_of(hello), worker_nonce)
+        answer = plain.recv()
+        if answer is None:
+            raise HandshakeFailed("closed the connection during the handshake")
+        if answer.get("op") != protocol.OP_AUTH or not channel.proof_matches(keys.client_proof, answer.get("proof")):
+            plain.send({"ev": protocol.EV_AUTH_FAILED, "message": "authentication failed: wrong shared secret"})
+            raise HandshakeFailed("did not prove the shared secret (a different secret on one side)")
+        plain.send({"ev": protocol.EV_AUTH_OK, "proof": keys.worker_proof.hex()})
+        sealer = channel.FrameSealer(keys.worker_to_client)
+        opener = channel.FrameOpener(keys.client_to_worker, "client")
+        if isinstance(stream, ssl.SSLSocket):
+            tls_stream = channel.TlsStream(stream)
+            return channel.FrameChannel(tls_stream, peer=where, closer=tls_stream, sealer=sealer, opener=opener)
+        conn.settimeout(None)
+        return channel.FrameChannel(conn, peer=where, closer=conn, sealer=sealer, opener=opener)
 
     def serve_forever(self) -> None:
-        """Serve sessions one after another; the runtime stays loaded between them."""
-        while True:
-            conn = self._handoff.get()
-            try:
-                self.worker.serve(conn)
-            finally:
-                conn.close()
-                self._session.release()
+        """Serve until SIGTERM: each session runs on its handshake's thread; the runtimes stay loaded between them.
+
+        The main thread only waits here, so the SIGTERM handler (which raises in the main thread) always runs.
+        """
+        stop = threading.Event()
+        while not stop.wait(3600):
+            pass
+
+    def shutdown(self) -> None:
+        """Abort, release and leave every runtime context."""
+        for worker in self.workers:
+            worker.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -1073,15 +1280,62 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--parent-pid", type=int, help="pid of the spawning process; exit at once if it is already gone (local mode)"
     )
     parser.add_argument("--secret-file", help="file whose first line is the shared secret (required with --listen)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve TLS; clients pin its SHA-256 fingerprint (--listen)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="runtime contexts to serve at once (--listen): one per Home Assistant slot, each loads the model "
+        "(docs/voice.md)",
+    )
+    files = parser.add_argument_group(
+        "files served (the allow-list; any other library or model a client names is refused)"
+    )
+    files.add_argument("--library", action="append", default=[], metavar="PATH", help="librkllmrt.so (repeatable)")
+    files.add_argument("--model", action="append", default=[], metavar="PATH", help="a model file (repeatable)")
+    files.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="every model file under DIR, including ones added later (repeatable)",
+    )
+    files.add_argument("--config", metavar="FILE", help="TOML file with library, model and models_dir (paths or lists)")
     parser.add_argument(
         "--abort-grace", type=float, default=10.0, help="seconds a run may take to honour abort before the worker exits"
     )
     args = parser.parse_args(argv)
     if args.listen is not None and not args.secret_file:
         parser.error("--listen needs --secret-file FILE (the first line of FILE is the shared secret)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together (a PEM certificate and its private key)")
+    if args.tls_cert is not None and args.listen is None:
+        parser.error("--tls-cert is for --listen (the local socketpair needs no TLS)")
+    if args.listen is not None and not (args.library or args.config):
+        parser.error(
+            "--listen needs the files it may serve: --library PATH and --model PATH or --models-dir DIR "
+            "(or --config FILE)"
+        )
     if args.abort_grace <= 0:
         parser.error("--abort-grace must be a positive number of seconds")
+    if not 1 <= args.slots <= MAX_WORKER_SLOTS:
+        parser.error(f"--slots must be between 1 and {MAX_WORKER_SLOTS}")
     return args
+
+
+def _log_remote_setup(tap: LogTap, allow: AllowList, fingerprint: str | None, secret: str) -> None:
+    """The start lines a remote worker's owner needs: what it serves, the fingerprint to pin, a weak secret."""
+    if fingerprint is not None:
+        tap.fatal(f"TLS certificate SHA-256 fingerprint {fingerprint} (enter it in Home Assistant)")
+    else:
+        tap.fatal("no TLS (--tls-cert/--tls-key): frames are authenticated but readable on the network")
+    tap.fatal(f"serving {allow.describe()}")
+    if len(secret) < MIN_SECRET_CHARS:
+        tap.fatal(
+            f"warning: the shared secret has only {len(secret)} characters; use a long random one "
+            "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
 
 
 def _install_sigterm() -> None:
@@ -1108,6 +1362,27 @@ def main(argv: list[str] | None = None) -> int:
         except protocol.SecretFileError as err:
             print(f"rkllm-worker: {err}", file=sys.stderr)
             return EXIT_USAGE
+    try:
+        allow = AllowList.from_options(args.library, args.model, args.models_dir, args.config)
+    except AllowListConfigError as err:
+        print(f"rkllm-worker: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.listen is not None and not allow.serves_anything:
+        print(
+            "rkllm-worker: nothing to serve: give --library PATH and --model PATH or --models-dir DIR "
+            "(or the same keys in --config FILE)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    tls: ssl.SSLContext | None = None
+    fingerprint = None
+    if args.tls_cert is not None:
+        try:
+            tls = channel.server_tls_context(args.tls_cert, args.tls_key)
+            fingerprint = channel.certificate_fingerprint(args.tls_cert)
+        except channel.TlsSetupError as err:
+            print(f"rkllm-worker: {err}", file=sys.stderr)
+            return EXIT_USAGE
     sock: socket.socket | None = None
     if args.fd is not None:
         try:
@@ -1119,19 +1394,26 @@ def main(argv: list[str] | None = None) -> int:
     fatal_file: BinaryIO = os.fdopen(os.dup(tap.fatal_fd), "wb", buffering=0)
     faulthandler.enable(file=fatal_file, all_threads=True)
     _install_sigterm()
-    worker = Worker(tap, remote=sock is None, abort_grace_s=args.abort_grace)
+    slots = args.slots if sock is None else 1
+    workers = [
+        Worker(tap, remote=sock is None, abort_grace_s=args.abort_grace, allow=allow, slot=index, slots=slots)
+        for index in range(slots)
+    ]
+    worker = workers[0]
     try:
         if sock is not None:
-            worker.serve(sock)
+            # An inherited socketpair end: no third party can reach it, so its frames carry no MAC.
+            worker.serve(channel.FrameChannel(sock, peer="the local client", closer=sock))
             sock.close()
         else:
             host, port = args.listen
             try:
-                server = RemoteServer(worker, host, port, secret or "")
+                server = RemoteServer(workers, host, port, secret or "", tls)
             except OSError as err:
                 tap.fatal(f"cannot listen on {host}:{port}: {err.strerror or err}")
                 return EXIT_STARTUP
             tap.fatal(f"listening on {server.address[0]}:{server.address[1]} (pid {os.getpid()})")
+            _log_remote_setup(tap, allow, fingerprint, secret or "")
             server.start()
             server.serve_forever()
     except TerminateRequested:
@@ -1139,7 +1421,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         tap.fatal("interrupted: aborting, releasing the runtime, exiting")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    worker.shutdown()
+    for each in workers:
+        each.shutdown()
     return 0
 
 

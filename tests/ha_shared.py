@@ -27,6 +27,7 @@ from custom_components.rkllm.const import (
     CONF_MODEL_PATH,
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
+    CONF_SLOTS,
     CONF_WORKER,
     DOMAIN,
 )
@@ -58,6 +59,7 @@ def flow_input(library: str, model: Path | str, **overrides: Any) -> dict[str, A
         CONF_CPU_CORES: 4,
         CONF_NPU_DOMAIN_ID: 0,
         CONF_ABI_PROFILE: "auto",
+        CONF_SLOTS: "1",  # one runtime context per test entry; the slot tests ask for more
         CONF_WORKER: "local",
     }
     data.update(overrides)

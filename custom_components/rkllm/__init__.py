@@ -45,12 +45,14 @@ from .const import (
     CONF_MODEL_SOURCE,
     CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
+    CONF_SLOTS,
     CONF_WATCHDOG_S,
     CONF_WORKER,
     CONF_WORKER_ENV,
     CONF_WORKER_HOST,
     CONF_WORKER_PORT,
     CONF_WORKER_SECRET,
+    CONF_WORKER_TLS_FINGERPRINT,
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_CPU_CORES,
     DEFAULT_NPU_DOMAIN_ID,
@@ -62,7 +64,9 @@ from .const import (
     ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
     ISSUE_MODEL_TOOLKIT_NEWER,
+    ISSUE_PATH_NOT_ALLOWED,
     LOGGER,
+    SLOTS_AUTO,
     WORKER_REMOTE,
 )
 from .data import RkllmConfigEntry, RkllmRuntimeData
@@ -73,6 +77,14 @@ CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 DATA_ENGINE_SETTINGS: HassKey[dict[str, dict[str, Any]]] = HassKey(f"{DOMAIN}_engine_settings")
 REMOTE_BUSY_RETRIES = 5
 REMOTE_BUSY_RETRY_DELAY_S = 0.2
+# A remote worker that fails one of these checks cannot be retried into working: only the user knows the right
+# secret or certificate fingerprint, so setup asks for them (reauth). Reason → translation key.
+_REAUTH_REASONS = {
+    "secret_refused": "setup_secret_refused",
+    "worker_unverified": "setup_worker_unverified",
+    "fingerprint_mismatch": "setup_fingerprint_mismatch",
+    "tls_mismatch": "setup_tls_mismatch",
+}
 
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
@@ -87,7 +99,10 @@ def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
     worker = WorkerLocation()
     if data.get(CONF_WORKER) == WORKER_REMOTE:
         worker = WorkerLocation(
-            host=data[CONF_WORKER_HOST], port=int(data[CONF_WORKER_PORT]), secret=data[CONF_WORKER_SECRET]
+            host=data[CONF_WORKER_HOST],
+            port=int(data[CONF_WORKER_PORT]),
+            secret=data[CONF_WORKER_SECRET],
+            tls_fingerprint=data.get(CONF_WORKER_TLS_FINGERPRINT) or None,
         )
     context_length = int(data.get(CONF_CONTEXT_LENGTH, DEFAULT_CONTEXT_LENGTH))
     platform = str(data.get(CONF_PLATFORM) or "").upper() or None
@@ -104,6 +119,7 @@ def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
         worker=worker,
         env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
         watchdog_min_s=float(data.get(CONF_WATCHDOG_S, DEFAULT_WATCHDOG_S)),
+        slots=None if str(data.get(CONF_SLOTS, SLOTS_AUTO)) == SLOTS_AUTO else int(data[CONF_SLOTS]),
     )
 
 
@@ -151,11 +167,11 @@ async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, er
     ConfigEntryNotReady. Decided by the error's type and `reason` (carried from the worker), never by its text.
     """
     message = str(err)
-    if isinstance(err, EngineUnavailableError) and err.reason == "secret_refused":
-        # Retrying with the same secret cannot succeed; only the user knows the worker's new secret.
+    if isinstance(err, EngineUnavailableError) and err.reason in _REAUTH_REASONS:
+        # Retrying with the same secret or fingerprint cannot succeed; the reauth flow asks for the current ones.
         raise ConfigEntryAuthFailed(
             translation_domain=DOMAIN,
-            translation_key="setup_secret_refused",
+            translation_key=_REAUTH_REASONS[err.reason],
             translation_placeholders={"error": message},
         ) from err
     if not isinstance(err, RuntimeIncompatibleError):
@@ -182,6 +198,15 @@ async def _async_raise_start_failure(hass: HomeAssistant, entry: ConfigEntry, er
         translation_key = "setup_model_platform_mismatch"
     elif err.reason == "protocol_mismatch":
         translation_key = "setup_worker_failed"
+    elif err.reason == "path_not_allowed":
+        placeholders = {
+            "path": err.details.get("path", ""),
+            "flag": err.details.get("flag", ""),
+            "worker": engine_config_from_entry(entry.data).worker.describe(),
+            "error": message,
+        }
+        await _async_raise_setup_issue(hass, entry, ISSUE_PATH_NOT_ALLOWED, placeholders)
+        translation_key = "setup_path_not_allowed"
     elif (toolkit := fetch_catalog.toolkit_version_refused(err.details.get("runtime_line", ""))) is not None:
         await _async_raise_toolkit_issue(hass, entry, toolkit, err.details.get("runtime_line", message), None)
         translation_key = "setup_model_toolkit_newer"

@@ -27,7 +27,7 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import chat_session, intent, llm
 from homeassistant.util import slugify
 
-from rkllm_engine.types import ChatMessage, Usage
+from rkllm_engine.types import ChatMessage, Priority, Usage
 
 from .compat import build_conversation_input, tool_result_content
 from .const import AGENT_MODEL_PREFIX, DOMAIN, LOGGER
@@ -227,7 +227,7 @@ async def async_run_agent(
             agent_id=entity_id,
             extra_system_prompt=extra_system_prompt,
         )
-        result, usage = await agent.async_handle_turn(user_input, chat_log)
+        result, usage = await agent.async_handle_turn(user_input, chat_log, priority=Priority.API)
     speech = result.response.speech.get("plain", {}).get("speech", "")
     if result.response.response_type == intent.IntentResponseType.ERROR:
         raise HomeAssistantError(speech or "the agent could not answer")

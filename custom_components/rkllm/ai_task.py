@@ -14,6 +14,8 @@ from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
+from rkllm_engine.types import Priority
+
 from .const import DOMAIN, SUBENTRY_AI_TASK
 from .data import RkllmConfigEntry
 from .entity import RkllmBaseLLMEntity, structured_output, validate_structured_answer
@@ -43,7 +45,8 @@ class RkllmTaskEntity(ai_task.AITaskEntity, RkllmBaseLLMEntity):  # type: ignore
     ) -> ai_task.GenDataTaskResult:
         """Answer the task's chat log; decode and validate when a structure was requested."""
         structure = structured_output(task.structure, chat_log) if task.structure else None
-        await self._async_handle_chat_log(chat_log, structure)
+        # Nobody waits for an AI task in real time: it runs with background priority, never on the voice slot.
+        await self._async_handle_chat_log(chat_log, structure, priority=Priority.BACKGROUND)
         last = chat_log.content[-1]
         if not isinstance(last, conversation.AssistantContent):
             raise HomeAssistantError(translation_domain=DOMAIN, translation_key="no_response")

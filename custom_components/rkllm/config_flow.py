@@ -2,9 +2,10 @@
 
 Local setups are validated without loading anything: the library through `rkllm_native.detect` (file, ELF,
 rkllm marker, supported version, profile override) and the model file by a cheap check (see
-`model_file_problem`). A remote worker is probed (connect, secret, hello; `WorkerClient.probe`) without loading
-anything: the library and model named on that host are checked by the setup that follows, which raises a
-repair issue for a permanent problem there.
+`model_file_problem`). A remote worker is probed (connect, TLS with the pinned fingerprint when one is given, the
+mutual proof of the secret, hello, and whether its allow-list serves the library and model; `WorkerClient.probe`)
+without loading anything: the files themselves are checked by the setup that follows, which raises a repair issue
+for a permanent problem there.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from homeassistant.helpers.selector import (
 
 from rkllm_native import detect
 from rkllm_native import soc as soc_detect
+from rkllm_native.channel import normalise_fingerprint
 from rkllm_native.errors import InvalidProfileError, LibraryNotFoundError, ProfileMismatchError, RkllmError
 
 from .compat import HAS_AI_TASK, llm_api_ids
@@ -63,6 +65,7 @@ from .const import (
     CONF_PLATFORM,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
+    CONF_SLOTS,
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
@@ -71,6 +74,7 @@ from .const import (
     CONF_WORKER_HOST,
     CONF_WORKER_PORT,
     CONF_WORKER_SECRET,
+    CONF_WORKER_TLS_FINGERPRINT,
     DEFAULT_AI_TASK_NAME,
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_CONVERSATION_NAME,
@@ -92,6 +96,8 @@ from .const import (
     MAX_CONTEXT_LENGTH,
     MIN_CONTEXT_LENGTH,
     PLATFORMS_SUPPORTED,
+    SLOT_CHOICES,
+    SLOTS_AUTO,
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
     WORKER_LOCAL,
@@ -131,12 +137,17 @@ _LIBRARY_ERROR_KEYS: Final = frozenset(
     }
 )
 
-# The remote form's error key for each reason the probe gives (rkllm_engine.types); others are cannot_connect.
+# The remote form's (field, error key) for each reason the probe gives (rkllm_engine.types); others are
+# ("base", "cannot_connect").
 _REMOTE_ERROR_KEYS: Final = {
-    "secret_refused": "invalid_auth",
-    "worker_busy": "worker_busy",
-    "worker_unreachable": "cannot_connect",
-    "protocol_mismatch": "worker_version_mismatch",
+    "secret_refused": (CONF_WORKER_SECRET, "invalid_auth"),
+    "worker_unverified": (CONF_WORKER_SECRET, "worker_unverified"),
+    "fingerprint_mismatch": (CONF_WORKER_TLS_FINGERPRINT, "fingerprint_mismatch"),
+    "tls_mismatch": (CONF_WORKER_TLS_FINGERPRINT, "tls_mismatch"),
+    "worker_busy": ("base", "worker_busy"),
+    "worker_unreachable": ("base", "cannot_connect"),
+    "protocol_mismatch": ("base", "worker_version_mismatch"),
+    "path_not_allowed": ("base", "path_not_allowed"),
 }
 # Each probe step (connect, handshake, hello) waits this long; a worker on the LAN answers in milliseconds.
 REMOTE_PROBE_TIMEOUT_S: Final = 10.0
@@ -231,6 +242,7 @@ ENTRY_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_CPU_CORES): _number(1, 8),
         vol.Required(CONF_NPU_DOMAIN_ID): _number(0, 15),
         vol.Required(CONF_ABI_PROFILE): _select(ABI_PROFILES, "abi_profile"),
+        vol.Optional(CONF_SLOTS): _select(SLOT_CHOICES, "slots"),
         vol.Optional(CONF_WATCHDOG_S): _number(MIN_WATCHDOG_S, MAX_WATCHDOG_S),
         vol.Required(CONF_WORKER): _select((WORKER_LOCAL, WORKER_REMOTE), "worker"),
     }
@@ -240,14 +252,35 @@ REMOTE_SCHEMA: Final = vol.Schema(
         vol.Required(CONF_WORKER_HOST): TextSelector(),
         vol.Required(CONF_WORKER_PORT): _number(1, 65535),
         vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD)),
+        vol.Optional(CONF_WORKER_TLS_FINGERPRINT): TextSelector(),
     }
 )
-# Reauth asks for the secret only: host and port stay as configured (reconfigure changes them).
+# Reauth asks for what proves the worker: the secret and, for a TLS worker, its certificate fingerprint. Host and
+# port stay as configured (reconfigure changes them).
 REAUTH_SCHEMA: Final = vol.Schema(
-    {vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))}
+    {
+        vol.Required(CONF_WORKER_SECRET): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD)),
+        vol.Optional(CONF_WORKER_TLS_FINGERPRINT): TextSelector(),
+    }
 )
 _INT_FIELDS: Final = (CONF_CONTEXT_LENGTH, CONF_CPU_CORES, CONF_NPU_DOMAIN_ID, CONF_WORKER_PORT, CONF_WATCHDOG_S)
-_REMOTE_FIELDS: Final = (CONF_WORKER_HOST, CONF_WORKER_PORT, CONF_WORKER_SECRET)
+_REMOTE_FIELDS: Final = (CONF_WORKER_HOST, CONF_WORKER_PORT, CONF_WORKER_SECRET, CONF_WORKER_TLS_FINGERPRINT)
+
+
+def _fingerprint_input(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The remote data with the fingerprint as the worker prints it (`AB:CD:…`), or dropped when left empty.
+
+    Returns form errors when the text is not a SHA-256 fingerprint.
+    """
+    result = dict(data)
+    text = str(result.pop(CONF_WORKER_TLS_FINGERPRINT, "") or "").strip()
+    if not text:
+        return result, {}
+    fingerprint = normalise_fingerprint(text)
+    if fingerprint is None:
+        return result, {CONF_WORKER_TLS_FINGERPRINT: "invalid_fingerprint"}
+    result[CONF_WORKER_TLS_FINGERPRINT] = fingerprint
+    return result, {}
 
 
 def _normalise_entry_input(user_input: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,8 +386,9 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         detail = ""
         if user_input is not None:
-            data = _normalise_entry_input({**self._pending, **user_input})
-            errors, detail = await self._async_probe_remote(data)
+            data, errors = _fingerprint_input(_normalise_entry_input({**self._pending, **user_input}))
+            if not errors:
+                errors, detail = await self._async_probe_remote(data)
             if not errors:
                 return self._async_finish(data)
             suggested: Mapping[str, Any] = user_input
@@ -382,13 +416,18 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         detail = ""
         if user_input is not None:
-            secret = user_input[CONF_WORKER_SECRET]
-            errors, detail = await self._async_probe_remote({**entry.data, CONF_WORKER_SECRET: secret})
+            base = {key: value for key, value in entry.data.items() if key != CONF_WORKER_TLS_FINGERPRINT}
+            data, errors = _fingerprint_input({**base, **user_input})
             if not errors:
-                return self.async_update_reload_and_abort(entry, data_updates={CONF_WORKER_SECRET: secret})
+                errors, detail = await self._async_probe_remote(data)
+            if not errors:
+                return self.async_update_reload_and_abort(entry, data=data)
+        suggested = {
+            CONF_WORKER_TLS_FINGERPRINT: (user_input or entry.data).get(CONF_WORKER_TLS_FINGERPRINT, ""),
+        }
         return self.async_show_form(
             step_id="reauth_confirm",
-            data_schema=REAUTH_SCHEMA,
+            data_schema=self.add_suggested_values_to_schema(REAUTH_SCHEMA, suggested),
             errors=errors,
             description_placeholders={
                 "worker": engine_config_from_entry(entry.data).worker.describe(),
@@ -404,7 +443,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
 
     async def _async_suggested_entry_values(self) -> dict[str, Any]:
         if self.source == SOURCE_RECONFIGURE:
-            return {CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
+            return {CONF_SLOTS: SLOTS_AUTO, CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S, **self._get_reconfigure_entry().data}
         library = await self.hass.async_add_executor_job(suggest_library_path)
         model = await self.hass.async_add_executor_job(suggest_model_path, library)
         platform = await self.hass.async_add_executor_job(detect_platform, DEVICE_TREE_COMPATIBLE)
@@ -416,6 +455,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
             CONF_CPU_CORES: DEFAULT_CPU_CORES,
             CONF_NPU_DOMAIN_ID: DEFAULT_NPU_DOMAIN_ID,
             CONF_ABI_PROFILE: ABI_PROFILE_AUTO,
+            CONF_SLOTS: SLOTS_AUTO,
             CONF_WATCHDOG_S: DEFAULT_WATCHDOG_S,
             CONF_WORKER: WORKER_LOCAL,
         }
@@ -454,10 +494,15 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
             return {}, ""
         location = engine_config_from_entry(data).worker
         try:
-            await WorkerClient.probe(location, timeout_s=REMOTE_PROBE_TIMEOUT_S)
+            await WorkerClient.probe(
+                location,
+                timeout_s=REMOTE_PROBE_TIMEOUT_S,
+                library_path=data[CONF_LIBRARY_PATH],
+                model_path=data[CONF_MODEL_PATH],
+            )
         except (EngineUnavailableError, RuntimeIncompatibleError) as err:
-            key = _REMOTE_ERROR_KEYS.get(err.reason, "cannot_connect")
-            return {CONF_WORKER_SECRET if key == "invalid_auth" else "base": key}, str(err)
+            field, key = _REMOTE_ERROR_KEYS.get(err.reason, ("base", "cannot_connect"))
+            return {field: key}, str(err)
         return {}, ""
 
     def _same_loaded_worker(self, data: Mapping[str, Any]) -> bool:

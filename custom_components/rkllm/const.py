@@ -15,12 +15,15 @@ CONF_PLATFORM: Final = "platform"
 CONF_CONTEXT_LENGTH: Final = "context_length"
 CONF_CPU_CORES: Final = "cpu_cores"
 CONF_WATCHDOG_S: Final = "watchdog_s"
+CONF_SLOTS: Final = "slots"
 CONF_NPU_DOMAIN_ID: Final = "npu_domain_id"
 CONF_ABI_PROFILE: Final = "abi_profile"
 CONF_WORKER: Final = "worker"
 CONF_WORKER_HOST: Final = "worker_host"
 CONF_WORKER_PORT: Final = "worker_port"
 CONF_WORKER_SECRET: Final = "worker_secret"  # noqa: S105 - a config key, not a secret
+# SHA-256 fingerprint of a remote worker's TLS certificate (`AB:CD:…`); set = TLS with that certificate pinned.
+CONF_WORKER_TLS_FINGERPRINT: Final = "worker_tls_fingerprint"
 # Where a downloaded model came from (its page or URL); shown on the entry's device.
 CONF_MODEL_SOURCE: Final = "model_source"
 # Extra environment for a local worker (not offered in the UI; used by the dev setup and the tests, e.g.
@@ -31,6 +34,9 @@ WORKER_LOCAL: Final = "local"
 WORKER_REMOTE: Final = "remote"
 ABI_PROFILE_AUTO: Final = "auto"
 ABI_PROFILES: Final = (ABI_PROFILE_AUTO, "v12x", "v130")
+# Runtime contexts ("slots", docs/voice.md): auto = 2 when memory holds the model twice, else 1.
+SLOTS_AUTO: Final = "auto"
+SLOT_CHOICES: Final = (SLOTS_AUTO, "1", "2", "3", "4")
 PLATFORMS_SUPPORTED: Final = ("rk3588", "rk3576", "rk3562", "rv1126b")
 
 DEFAULT_PLATFORM: Final = "rk3588"
@@ -84,6 +90,7 @@ REMOTE_PROBE_TIMEOUT_S: Final = 10.0
 ISSUE_LIBRARY_MISSING: Final = "library_missing"
 ISSUE_LIBRARY_UNSUPPORTED: Final = "library_unsupported"
 ISSUE_MODEL_PLATFORM_MISMATCH: Final = "model_platform_mismatch"
+ISSUE_PATH_NOT_ALLOWED: Final = "path_not_allowed"
 ISSUE_MODEL_TOOLKIT_NEWER: Final = "model_toolkit_newer"
 ISSUE_MODEL_LOAD_FAILED: Final = "model_load_failed"
 

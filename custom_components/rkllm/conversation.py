@@ -13,6 +13,8 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.util.hass_dict import HassKey
 
+from rkllm_engine.types import Priority
+
 from .compat import apis_requiring_admin, async_provide_llm_data, result_from_chat_log
 from .const import DOMAIN, SUBENTRY_CONVERSATION
 from .data import RkllmConfigEntry
@@ -81,8 +83,13 @@ class RkllmConversationEntity(
         self,
         user_input: conversation.ConversationInput,
         chat_log: conversation.ChatLog,
+        priority: Priority = Priority.CONVERSATION,
     ) -> tuple[conversation.ConversationResult, TurnUsage]:
-        """The whole turn (Assist and agent models alike): permissions, LLM data, tool loop, result."""
+        """The whole turn (Assist and agent models alike): permissions, LLM data, tool loop, result.
+
+        Assist turns are voice (`Priority.CONVERSATION`); the agent models of the API pass `Priority.API`, so API
+        clients never get voice's place in the NPU queue (docs/voice.md §1).
+        """
         settings = self.settings
         user_id = user_input.context.user_id
         if user_id is not None and (admin_only := apis_requiring_admin(self.hass, settings.llm_apis)):
@@ -97,5 +104,5 @@ class RkllmConversationEntity(
             await async_provide_llm_data(chat_log, user_input, settings.llm_apis, settings.prompt)
         except conversation.ConverseError as err:
             return err.as_conversation_result(), TurnUsage()
-        usage = await self._async_handle_chat_log(chat_log)
+        usage = await self._async_handle_chat_log(chat_log, priority=priority)
         return result_from_chat_log(user_input, chat_log), usage

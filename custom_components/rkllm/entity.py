@@ -22,6 +22,8 @@ import dataclasses
 import functools
 import json
 import re
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -504,6 +506,23 @@ def with_permission_checks(api_instance: llm.APIInstance) -> llm.APIInstance:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class TurnClock:
+    """A conversation turn's clock: from the command to the first spoken text (the voice response sensor)."""
+
+    engine: Engine
+    voice: bool
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    answered: bool = False
+
+    def spoken(self) -> None:
+        """The first text of the turn reached the chat log (and the TTS): report it once."""
+        if not self.answered:
+            self.answered = True
+            if self.voice:
+                self.engine.record_voice_response(time.monotonic() - self.started)
+
+
 async def _engine_deltas(
     engine: Engine,
     request: ChatRequest,
@@ -511,6 +530,7 @@ async def _engine_deltas(
     tools_enabled: bool,
     usage: TurnUsage,
     sent: SentTranscript,
+    clock: TurnClock,
 ) -> AsyncIterator[conversation.AssistantContentDeltaDict]:
     """Stream one engine generation as chat-log deltas: role first, then text, thinking and tool calls."""
     try:
@@ -525,6 +545,7 @@ async def _engine_deltas(
                 delta: conversation.AssistantContentDeltaDict | None = None
                 if isinstance(event, TextDelta):
                     delta = assistant_delta(content=event.text)
+                    clock.spoken()
                 elif isinstance(event, ReasoningDelta):
                     delta = assistant_delta(thinking=event.text)
                 elif isinstance(event, ToolCallStart):
@@ -581,6 +602,9 @@ async def async_run_chat_log(
     """
     usage = TurnUsage()
     sent = sent if sent is not None else SentTranscript()
+    # One id for the turn's rounds: the engine keeps its slot for the tool results (docs/voice.md §1).
+    turn_id = uuid.uuid4().hex
+    clock = TurnClock(engine, voice=priority is Priority.CONVERSATION)
     if chat_log.llm_api is not None:
         chat_log.llm_api = with_permission_checks(chat_log.llm_api)
     api = chat_log.llm_api
@@ -602,6 +626,7 @@ async def async_run_chat_log(
             dynamic_context=dynamic_context,
             priority=priority,
             json_mode=structure is not None,
+            turn_id=turn_id,
         )
         stream = _engine_deltas(
             engine,
@@ -609,11 +634,17 @@ async def async_run_chat_log(
             tools_enabled=api is not None and tool_choice != "none",
             usage=usage,
             sent=sent,
+            clock=clock,
         )
-        async for _content in chat_log.async_add_delta_content_stream(agent_id, stream):
-            pass
+        try:
+            async for _content in chat_log.async_add_delta_content_stream(agent_id, stream):
+                pass
+        except BaseException:
+            engine.end_turn(turn_id)
+            raise
         if not chat_log.unresponded_tool_results:
             break
+    engine.end_turn(turn_id)
     return usage
 
 
@@ -724,7 +755,10 @@ class RkllmBaseLLMEntity(Entity):
         return AgentSettings.from_options(self.subentry.data)
 
     async def _async_handle_chat_log(
-        self, chat_log: conversation.ChatLog, structure: StructuredOutput | None = None
+        self,
+        chat_log: conversation.ChatLog,
+        structure: StructuredOutput | None = None,
+        priority: Priority = Priority.CONVERSATION,
     ) -> TurnUsage:
         """Answer the chat log with this agent's settings on the entry's engine."""
         return await async_run_chat_log(
@@ -734,5 +768,6 @@ class RkllmBaseLLMEntity(Entity):
             agent_id=self.entity_id,
             settings=self.settings,
             structure=structure,
+            priority=priority,
             sent=self._sent_transcript,
         )

@@ -720,6 +720,12 @@ def _engine_health(data: RkllmRuntimeData, metrics: EngineMetrics) -> tuple[dict
         "consecutive_failures": metrics.consecutive_failures,
         "watchdog_fired": metrics.watchdog_fired,
         "requests_served": metrics.requests_served,
+        # The runtime contexts (docs/voice.md): what each serves and does, and the tools of its resident prefix.
+        "slots": [
+            {"index": slot.index, "role": slot.role, "state": slot.state, "tools_loaded": list(slot.tools_loaded)}
+            for slot in metrics.slots
+        ],
+        "voice_response_s": metrics.last_voice_response_s,
     }
     if (reason := metrics.health_reason) is not None:
         body["error"] = reason

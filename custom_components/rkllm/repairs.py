@@ -31,6 +31,7 @@ from .const import (
     ISSUE_MODEL_LOAD_FAILED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
     ISSUE_MODEL_TOOLKIT_NEWER,
+    ISSUE_PATH_NOT_ALLOWED,
     LOGGER,
 )
 from .data import RkllmConfigEntry
@@ -43,6 +44,7 @@ SETUP_ISSUES = (
     ISSUE_LIBRARY_MISSING,
     ISSUE_LIBRARY_UNSUPPORTED,
     ISSUE_MODEL_PLATFORM_MISMATCH,
+    ISSUE_PATH_NOT_ALLOWED,
     ISSUE_MODEL_TOOLKIT_NEWER,
     ISSUE_MODEL_LOAD_FAILED,
 )
@@ -65,6 +67,7 @@ _PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     ISSUE_LIBRARY_MISSING: ("title", "path", "error"),
     ISSUE_LIBRARY_UNSUPPORTED: ("title", "path", "version", "error"),
     ISSUE_MODEL_PLATFORM_MISMATCH: ("title", "model", "platform", "error"),
+    ISSUE_PATH_NOT_ALLOWED: ("title", "path", "flag", "worker", "error"),
     ISSUE_MODEL_TOOLKIT_NEWER: (
         "title",
         "model",
@@ -85,6 +88,7 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_LIBRARY_MISSING: ir.IssueSeverity.ERROR,
     ISSUE_LIBRARY_UNSUPPORTED: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_PLATFORM_MISMATCH: ir.IssueSeverity.ERROR,
+    ISSUE_PATH_NOT_ALLOWED: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_TOOLKIT_NEWER: ir.IssueSeverity.ERROR,
     ISSUE_NPU_DRIVER_TOO_OLD: ir.IssueSeverity.WARNING,
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
@@ -155,6 +159,7 @@ async def async_raise_setup_issue(
 
     `placeholders` fill the translated text: `library_missing` uses `path` and `error`; `library_unsupported`
     uses `path`, `version` and `error`; `model_platform_mismatch` uses `model`, `platform` and `error`;
+    `path_not_allowed` uses `path`, `flag`, `worker` and `error`;
     `model_toolkit_newer` uses `model`, `library`, `toolkit_version`, `runtime_version`, `required_version`,
     `release` and `error`. The entry title is added; a missing value reads "unknown".
     """

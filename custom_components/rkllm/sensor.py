@@ -84,6 +84,17 @@ SENSORS: tuple[RkllmSensorEntityDescription, ...] = (
         value_fn=lambda metrics: _rounded(metrics.last_ttft_s, 3),
     ),
     RkllmSensorEntityDescription(
+        key="voice_response_time",
+        translation_key="voice_response_time",
+        device_class=SensorDeviceClass.DURATION,
+        native_unit_of_measurement=UnitOfTime.SECONDS,
+        suggested_display_precision=2,
+        state_class=SensorStateClass.MEASUREMENT,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        # What a person waited for: command received → first spoken text of the turn, all its rounds included.
+        value_fn=lambda metrics: _rounded(metrics.last_voice_response_s, 3),
+    ),
+    RkllmSensorEntityDescription(
         key="decode_tokens_per_s",
         translation_key="decode_tokens_per_s",
         native_unit_of_measurement=TOKENS_PER_SECOND,

@@ -1,4 +1,4 @@
-"""The single-slot scheduler: order, bound, cancellation and metrics, without a worker."""
+"""The scheduler with one slot: order, bound, cancellation and metrics, without a worker."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ async def test_requests_beyond_the_bound_are_rejected_with_retry_after() -> None
     queued = [scheduler.admit(Priority.API) for _ in range(3)]
 
     with pytest.raises(QueueFullError) as excinfo:
-        scheduler.admit(Priority.CONVERSATION)
+        scheduler.admit(Priority.API)
     # No history yet: the default estimate (5 s) times 4 requests ahead.
     assert excinfo.value.retry_after_s == pytest.approx(20.0)
     assert "queue is full" in str(excinfo.value)

@@ -52,10 +52,12 @@ def worker_env() -> dict[str, str]:
 class WorkerConn:
     """A local worker on a socketpair, driven frame by frame; events seen while waiting are kept in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, models_dir: Path) -> None:
         self.sock, child = socket.socketpair()
+        # The allow-list: the emulator library and the test's own model directory, as a local child gets them.
+        allow = ["--library", str(emulator_library("v12x")), "--models-dir", str(models_dir)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rkllm_native.worker", "--fd", str(child.fileno())],
+            [sys.executable, "-m", "rkllm_native.worker", "--fd", str(child.fileno()), *allow],
             pass_fds=(child.fileno(),),
             env=worker_env(),
             stdin=subprocess.DEVNULL,
@@ -110,8 +112,8 @@ class WorkerConn:
 
 
 @pytest.fixture
-def worker() -> Iterator[WorkerConn]:
-    conn = WorkerConn()
+def worker(tmp_path: Path) -> Iterator[WorkerConn]:
+    conn = WorkerConn(tmp_path)
     yield conn
     conn.close()
 
@@ -198,12 +200,12 @@ def test_requests_that_cannot_be_served_get_one_specific_error(worker: WorkerCon
 
     kind, message = error(worker.request("hello", version=99))
     assert kind == "version_mismatch"
-    assert "client speaks 99, worker speaks 1" in message
+    assert f"client speaks 99, worker speaks {protocol.PROTOCOL_VERSION}" in message
     kind, message = error(worker.request("run", run=1, role="user", text="hi"))
     assert (kind, message) == ("not_initialized", "the runtime is not initialised yet (send 'init' first)")
     kind, message = error(worker.request("frobnicate"))
     assert kind == "bad_request"
-    assert message.startswith("unknown op 'frobnicate'; known: abort, clear_kv_cache")
+    assert message.startswith("unknown op 'frobnicate'; known: abort, check_paths, clear_kv_cache")
     missing = tmp_path / "missing.model"
     kind, message = error(worker.init(missing))
     assert kind == "init_failed"
@@ -332,7 +334,10 @@ def process_alive(pid: int) -> bool:
 def test_remote_mode_refuses_to_start_without_a_readable_secret(tmp_path: Path) -> None:
     missing = tmp_path / "secret"
     result = subprocess.run(
-        [sys.executable, "-m", "rkllm_native.worker", "--listen", "127.0.0.1:0", "--secret-file", str(missing)],
+        [
+            *(sys.executable, "-m", "rkllm_native.worker", "--listen", "127.0.0.1:0", "--secret-file", str(missing)),
+            *("--library", str(emulator_library("v12x")), "--models-dir", str(tmp_path)),
+        ],
         env=worker_env(),
         capture_output=True,
         text=True,

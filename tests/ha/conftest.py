@@ -10,6 +10,7 @@ import asyncio
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,38 +205,45 @@ class RemoteWorker:
     host: str
     port: int
     secret: str
+    fingerprint: str | None = None  # set when the worker serves TLS
 
 
-@pytest.fixture
-def remote_worker(tmp_path: Path, socket_enabled: None) -> Iterator[RemoteWorker]:
-    """`python -m rkllm_native.worker --listen 127.0.0.1:0` with a secret file; stopped after the test.
+def _remote_worker(tmp_path: Path, name: str, *extra: str) -> Iterator[RemoteWorker]:
+    """`python -m rkllm_native.worker --listen 127.0.0.1:0` with a secret file and an allow-list; stopped after.
 
-    Requests `socket_enabled`: the test plugin blocks TCP sockets, and a remote worker is reached over TCP.
+    It serves both emulator libraries, `librkllmrt.so` in the test's directory (absent unless a test writes it)
+    and every model under the test's directory.
     """
     secret = "correct horse battery staple"
-    secret_file = tmp_path / "worker.secret"
+    secret_file = tmp_path / f"{name}.secret"
     secret_file.write_text(secret + "\n", encoding="utf-8")
-    log_path = tmp_path / "worker.log"
+    log_path = tmp_path / f"{name}.log"
     env = {**os.environ, **FAST_ENV, "PYTHONPATH": str(REPO_ROOT)}
+    allow = [
+        *("--library", str(emulator_library("v12x")), "--library", str(emulator_library("v130"))),
+        *("--library", str(tmp_path / "librkllmrt.so"), "--models-dir", str(tmp_path)),
+    ]
+    command = [sys.executable, "-m", "rkllm_native.worker", "--listen", "127.0.0.1:0"]
+    command += ["--secret-file", str(secret_file)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "rkllm_native.worker", "--listen", "127.0.0.1:0", "--secret-file", str(secret_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env=env,
+            [*command, *allow, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env
         )
     try:
         deadline = time.monotonic() + 30
         port: int | None = None
+        fingerprint: str | None = None
         while port is None:
-            if (found := re.search(r"listening on [^\s:]+:(\d+)", log_path.read_text(errors="replace"))) is not None:
+            text = log_path.read_text(errors="replace")
+            if (found := re.search(r"listening on [^\s:]+:(\d+)", text)) is not None and "serving" in text:
                 port = int(found.group(1))
+                if (pin := re.search(r"fingerprint ([0-9A-F:]{95})", text)) is not None:
+                    fingerprint = pin.group(1)
             elif process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"remote worker did not start: {log_path.read_text(errors='replace')}")
             else:
                 time.sleep(0.05)
-        yield RemoteWorker("127.0.0.1", port, secret)
+        yield RemoteWorker("127.0.0.1", port, secret, fingerprint)
     finally:
         process.terminate()
         try:
@@ -243,6 +251,38 @@ def remote_worker(tmp_path: Path, socket_enabled: None) -> Iterator[RemoteWorker
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def remote_worker(tmp_path: Path, socket_enabled: None) -> Iterator[RemoteWorker]:
+    """A plain-TCP remote worker (see `_remote_worker`).
+
+    Requests `socket_enabled`: the test plugin blocks TCP sockets, and a remote worker is reached over TCP.
+    """
+    yield from _remote_worker(tmp_path, "worker")
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate and key, made with the openssl command the README gives."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "worker.crt", folder / "worker.key"
+    openssl = shutil.which("openssl") or "/usr/bin/openssl"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+         "-subj", "/CN=rkllm-worker", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_remote_worker(
+    tmp_path: Path, socket_enabled: None, tls_certificate: tuple[Path, Path]
+) -> Iterator[RemoteWorker]:
+    """A remote worker serving TLS; `fingerprint` is the one it printed at start."""
+    cert, key = tls_certificate
+    yield from _remote_worker(tmp_path, "tls-worker", "--tls-cert", str(cert), "--tls-key", str(key))
 
 
 _ELF_MACHINE = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}.get(platform.machine().lower(), 62)

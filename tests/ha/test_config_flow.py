@@ -442,7 +442,7 @@ async def test_reauth_asks_for_the_new_secret_and_loads_the_entry(
     result = await hass.config_entries.flow.async_configure(flow["flow_id"])
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reauth_confirm"
-    assert [str(key) for key in result["data_schema"].schema] == [CONF_WORKER_SECRET]
+    assert [str(key) for key in result["data_schema"].schema] == [CONF_WORKER_SECRET, "worker_tls_fingerprint"]
     assert result["description_placeholders"]["worker"] == f"{remote_worker.host}:{remote_worker.port}"
     assert result["description_placeholders"]["name"] == assist_model.stem
 
@@ -544,7 +544,8 @@ async def test_reconfigure_of_a_loaded_remote_entry_keeps_its_worker(
         result["flow_id"], flow_input(emulator_lib, assist_model, **{CONF_WORKER: "remote", CONF_CONTEXT_LENGTH: 2048})
     )
     assert result["step_id"] == "remote"
-    suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
+    schema = result["data_schema"].schema
+    suggested = {str(key): key.description["suggested_value"] for key in schema if key.description}
     assert suggested == {
         CONF_WORKER_HOST: remote_worker.host,
         CONF_WORKER_PORT: remote_worker.port,

@@ -27,6 +27,7 @@ SENSOR_KEYS = (
     "health",
     "queue_depth",
     "last_ttft",
+    "voice_response_time",
     "decode_tokens_per_s",
     "prefill_tokens_per_s",
     "kv_cache_usage",
@@ -108,7 +109,7 @@ async def test_sensors_are_registered_with_units_classes_and_the_runtime_device(
         assert registry_entry is not None
         assert registry_entry.device_id == device.id, key
         assert registry_entry.translation_key == key
-        expected_category = None if key == "status" else EntityCategory.DIAGNOSTIC
+        expected_category = None if key in ("status", "health") else EntityCategory.DIAGNOSTIC
         assert registry_entry.entity_category == expected_category, key
 
     status = hass.states.get(entity_ids["status"])

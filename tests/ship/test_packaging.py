@@ -54,8 +54,9 @@ def test_unit_runs_the_worker_as_documented_and_restarts_it() -> None:
     assert set(sections) == {"Unit", "Service", "Install"}
     service = sections["Service"]
     assert values(service, "ExecStart") == [
-        "/usr/bin/python3 -m rkllm_native.worker --listen 0.0.0.0:8765 --secret-file /etc/rkllm/secret"
-    ]
+        "/usr/bin/python3 -m rkllm_native.worker --listen 127.0.0.1:8765 --secret-file /etc/rkllm/secret"
+        " --library /opt/rkllm/lib/librkllmrt.so --models-dir /opt/rkllm/models"
+    ]  # loopback by default; only the installed library and the models directory
     assert values(service, "Restart") == ["always"]
     assert values(service, "Environment").count("PYTHONPATH=/opt/rkllm") == 1
     assert values(service, "User") == ["rkllm"]
@@ -131,8 +132,13 @@ def test_dockerfile_uses_a_base_that_runs_on_rk3588_and_starts_the_worker() -> N
     entrypoints = [arguments for keyword, arguments in instructions if keyword == "ENTRYPOINT"]
     assert len(entrypoints) == 1
     # Exec form, so SIGTERM reaches the worker (it aborts the run and releases the NPU) instead of a shell.
-    assert json.loads(entrypoints[0]) == [
-        "python3", *WORKER_MODULE, "--listen", "0.0.0.0:8765", "--secret-file", "/run/secrets/rkllm_secret",
+    assert json.loads(entrypoints[0]) == ["python3", *WORKER_MODULE]
+    commands = [arguments for keyword, arguments in instructions if keyword == "CMD"]
+    assert len(commands) == 1
+    # Loopback by default (host networking reaches it); only the mounted library and models directory.
+    assert json.loads(commands[0]) == [
+        "--listen", "127.0.0.1:8765", "--secret-file", "/run/secrets/rkllm_secret",
+        "--library", "/opt/rkllm/lib/librkllmrt.so", "--models-dir", "/opt/rkllm/models",
     ]  # fmt: skip
     assert ("EXPOSE", "8765") in instructions
 
@@ -197,6 +203,8 @@ async def test_worker_installed_like_the_unit_serves_a_remote_engine(
     # The unit's command line and PYTHONPATH, on a loopback port chosen by the kernel.
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-P", *WORKER_MODULE, "--listen", "127.0.0.1:0", "--secret-file", str(secret_file),
+        "--library", str(native / "emulator/build/librkllmrt-emu-v12x.so"),
+        "--models-dir", str(native / "emulator/models"),
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(opt_rkllm), "RKLLM_EMULATOR_SPEED": "50"},
         cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
