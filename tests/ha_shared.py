@@ -15,6 +15,7 @@ from homeassistant.components.homeassistant.exposed_entities import async_expose
 from homeassistant.components.light import ColorMode, LightEntity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers import device_registry as dr
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import setup_test_component_platform
 
@@ -32,6 +33,20 @@ from custom_components.rkllm.const import (
 )
 
 KITCHEN_LIGHT = "light.kitchen_light"
+
+
+def device_of(hass: HomeAssistant, identifier: str, config_entry_id: str) -> dr.DeviceEntry | None:
+    """The entry's device with the identifier (rkllm, identifier).
+
+    2026.10+ deprecates `async_get_device(identifiers=…)` (identifiers are unique per config entry only) in favour
+    of the per-entry lookup; older releases only have the global one.
+    """
+    registry = dr.async_get(hass)
+    by_identifier = getattr(registry, "async_get_device_by_identifier", None)
+    if by_identifier is not None:
+        device: dr.DeviceEntry | None = by_identifier((DOMAIN, identifier), config_entry_id)
+        return device
+    return registry.async_get_device(identifiers={(DOMAIN, identifier)})
 
 
 def flow_input(library: str, model: Path | str, **overrides: Any) -> dict[str, Any]:

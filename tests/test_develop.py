@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from homeassistant.auth.providers.homeassistant import HassAuthProvider
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntries, ConfigEntryState
+from homeassistant.const import REQUIRED_PYTHON_VER
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
@@ -23,7 +25,20 @@ from rkllm_native.build import emulator_library
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "rkllm_native" / "emulator" / "models" / "qwen2.5-1.5b-assist.model"
-DEVELOP_HASS = REPO_ROOT / ".venv" / "bin" / "hass"  # the line scripts/develop runs (its CLI starts on 3.13.0)
+
+
+def develop_hass() -> Path:
+    """The `hass` whose auth script seeds the develop user: this line's own, as scripts/develop runs it.
+
+    Where this release's CLI refuses the interpreter (2026.2.3 installed on Python 3.13.0 for its tests), the
+    2025.4.4 line's.
+    """
+    own = Path(sys.executable).parent / "hass"
+    if sys.version_info[:3] >= REQUIRED_PYTHON_VER:
+        return own
+    floor = REPO_ROOT / ".venv" / "bin" / "hass"
+    assert floor.exists(), f"{own} refuses this Python and {floor} is missing: run scripts/setup 2025"
+    return floor
 
 
 @pytest.fixture
@@ -169,14 +184,14 @@ async def test_develop_user_gets_a_long_lived_token_that_opens_the_api(
     hass_client_no_auth: ClientSessionGenerator,
     config_dir: Path,
 ) -> None:
-    message = await hass.async_add_executor_job(seed_config.seed_user, config_dir, DEVELOP_HASS)
+    message = await hass.async_add_executor_job(seed_config.seed_user, config_dir, develop_hass())
     credentials_file = config_dir / ".develop_user.json"
     assert message == f"created user 'dev' (password in {credentials_file})"
     assert stat.S_IMODE(credentials_file.stat().st_mode) == 0o600
     onboarding = json.loads((config_dir / ".storage" / "onboarding").read_text(encoding="utf-8"))
     assert onboarding["data"]["done"] == ["user", "core_config", "analytics", "integration"]
     # A second run keeps the user and its password.
-    assert await hass.async_add_executor_job(seed_config.seed_user, config_dir, DEVELOP_HASS) == (
+    assert await hass.async_add_executor_job(seed_config.seed_user, config_dir, develop_hass()) == (
         f"user 'dev' exists (password in {credentials_file})"
     )
 

@@ -29,7 +29,7 @@ from homeassistant.util import slugify
 
 from rkllm_engine.types import ChatMessage, Priority, Usage
 
-from .compat import build_conversation_input
+from .compat import build_conversation_input, tool_result_content
 from .const import AGENT_MODEL_PREFIX, DOMAIN, LOGGER
 from .conversation import DATA_AGENTS, RkllmConversationEntity
 
@@ -146,11 +146,11 @@ def history_to_chat_content(
             if message.tool_call_id is None or message.tool_call_id not in call_names:
                 raise AgentRequestError("a tool message must answer a tool call of an earlier assistant message")
             content.append(
-                conversation.ToolResultContent(
+                tool_result_content(
                     agent_id=agent_id,
                     tool_call_id=message.tool_call_id,
                     tool_name=message.name or call_names[message.tool_call_id],
-                    tool_result=_tool_result_data(message.content),
+                    data=_tool_result_data(message.content),
                 )
             )
     return ("\n\n".join(system_parts) or None), content, messages[-1].content or ""

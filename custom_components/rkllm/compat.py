@@ -155,12 +155,30 @@ def selector_serializer() -> Callable[[Any], Any]:
 
 
 def tool_result_payload(content: conversation.ToolResultContent) -> tuple[Any, bool]:
-    """(data, is_error) of a tool result: `content.result` (2026.11 ToolResult) or the plain `tool_result` dict."""
+    """(data, is_error) of a tool result: `content.result` (2026.10+ ToolResult) or the plain `tool_result` dict."""
     result = getattr(content, "result", None)
     if result is not None and hasattr(result, "data"):
         return result.data, bool(getattr(result, "error", False))
     data: Any = content.tool_result
     return data, isinstance(data, dict) and "error" in data
+
+
+def tool_result_content(
+    *, agent_id: str, tool_call_id: str, tool_name: str, data: Any, is_error: bool = False
+) -> conversation.ToolResultContent:
+    """A ToolResultContent for the chat log, whichever field this release takes.
+
+    2026.10+ takes `result=llm.ToolResult(data, error)` and no longer accepts `tool_result`; before, `tool_result`
+    is the plain dict. Built by keyword from a dict so the type check passes against either release.
+    """
+    field_names = {field.name for field in dataclasses.fields(conversation.ToolResultContent)}
+    tool_result_class = getattr(llm, "ToolResult", None)
+    payload: dict[str, Any] = (
+        {"result": tool_result_class(data=data, error=is_error)}
+        if "result" in field_names and tool_result_class is not None
+        else {"tool_result": data}
+    )
+    return conversation.ToolResultContent(agent_id=agent_id, tool_call_id=tool_call_id, tool_name=tool_name, **payload)
 
 
 def unwrap_tool(tool: llm.Tool) -> llm.Tool:

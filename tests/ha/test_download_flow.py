@@ -12,7 +12,6 @@ import pytest
 from homeassistant.config_entries import SOURCE_USER, ConfigEntryState
 from homeassistant.core import Event, HomeAssistant
 from homeassistant.data_entry_flow import EVENT_DATA_ENTRY_FLOW_PROGRESSED, FlowResultType
-from homeassistant.helpers import device_registry as dr
 
 from custom_components.rkllm import config_flow
 from custom_components.rkllm.const import CONF_LIBRARY_PATH, CONF_MODEL_PATH, CONF_MODEL_SOURCE, CONF_PLATFORM, DOMAIN
@@ -22,6 +21,7 @@ from rkllm_native import catalog as fetch_catalog
 from rkllm_native import detect, fetch
 from rkllm_native.build import emulator_library
 from tests.ha.conftest import ASSIST_MODEL, FAST_ENV
+from tests.ha_shared import device_of
 
 REPO = "rkllm-test/Qwen2.5-1.5B-Assist-RK3588"
 REV = "main"
@@ -214,7 +214,7 @@ async def test_a_catalogue_model_downloads_with_progress_and_the_entry_loads(
     entry = final["result"]
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.LOADED
-    device = dr.async_get(hass).async_get_device(identifiers={(DOMAIN, entry.entry_id)})
+    device = device_of(hass, entry.entry_id, entry.entry_id)
     assert device is not None
     assert device.model == f"{model_path.stem} (rkllm-toolkit 1.2.1)"
     assert device.sw_version == "1.2.3"

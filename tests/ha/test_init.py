@@ -35,6 +35,7 @@ from tests.ha.conftest import (
     fake_library,
     free_tcp_port,
 )
+from tests.ha_shared import device_of
 
 
 async def _setup(hass: HomeAssistant, entry: MockConfigEntry) -> None:
@@ -53,7 +54,7 @@ async def test_setup_starts_the_engine_and_unload_stops_it(hass: HomeAssistant, 
     assert len(child_pids()) == 1
 
     (subentry,) = loaded_entry.subentries.values()
-    device = dr.async_get(hass).async_get_device(identifiers={(DOMAIN, subentry.subentry_id)})
+    device = device_of(hass, subentry.subentry_id, loaded_entry.entry_id)
     assert device is not None
     assert device.name == "Assist on NPU"
     assert device.entry_type is dr.DeviceEntryType.SERVICE

@@ -11,7 +11,6 @@ from homeassistant.components.sensor import ATTR_STATE_CLASS, SensorStateClass
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import ATTR_UNIT_OF_MEASUREMENT, PERCENTAGE, STATE_UNKNOWN, EntityCategory, UnitOfTime
 from homeassistant.core import Event, EventStateChangedData, HomeAssistant, callback
-from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers.event import async_track_state_change_event
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -19,6 +18,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.rkllm.const import DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineState, Priority
 from tests.ha.conftest import entry_data, wait_for_metrics
+from tests.ha_shared import device_of
 
 CONTEXT_LENGTH = 1024
 EMULATOR_ENV = {"RKLLM_EMULATOR_SPEED": "20"}
@@ -101,7 +101,7 @@ async def test_sensors_are_registered_with_units_classes_and_the_runtime_device(
 ) -> None:
     entity_ids = sensor_entity_ids(hass, loaded_entry)
     registry = er.async_get(hass)
-    device = dr.async_get(hass).async_get_device(identifiers={(DOMAIN, loaded_entry.entry_id)})
+    device = device_of(hass, loaded_entry.entry_id, loaded_entry.entry_id)
     assert device is not None
     assert device.sw_version == "1.2.3"  # the emulator's v12x runtime version
     for key, entity_id in entity_ids.items():
