@@ -6,7 +6,7 @@ Run from the repository root with the project venv (no installation needed: the 
     .venv/bin/python bench/ttft.py [--reps 5] [--speed 10]
 
 Setup: the demo model `rkllm_native/emulator/models/qwen2.5-1.5b-assist.model` (calibration
-qwen2.5-1.5b-rk3588: prefill 338 tok/s, decode 16.69 tok/s, rkllm-runtime.md §10.1) on both emulator ABIs.
+qwen2.5-1.5b-rk3588: prefill 338 tok/s, decode 16.69 tok/s, docs/runtime.md §10.1) on both emulator ABIs.
 The request is Home Assistant 2026.2.3's real Assist prompt (system = default_instructions + api_prompt,
 tools = the Assist tools, from /work/shared/data/assist/assist_dump_2026.2.3.json) with the voice command
 "turn on the kitchen light".

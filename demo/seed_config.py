@@ -47,7 +47,7 @@ DEVELOP_ENTRY_ID = "01JDEVE10PRKLLMENTRY000000"
 DEVELOP_SUBENTRY_ID = "01JDEVE10PRKLLMAGENT000000"
 DEVELOP_USERNAME = "dev"
 CREDENTIALS_FILE = ".develop_user.json"
-# Storage formats HA 2025.4.4 to 2026.11.0 read (toolchain.md "Running hass headless"; develop runs 2026.10.4).
+# Storage formats HA 2025.4.4 to 2026.11.0 read (docs/toolchain.md "Running hass headless"; develop runs 2026.10.4).
 CONFIG_ENTRIES_VERSION = (1, 5)
 ONBOARDING_VERSION = 4
 ONBOARDING_STEPS = ["user", "core_config", "analytics", "integration"]

@@ -1,7 +1,7 @@
 """Async client of the rkllm worker process: spawn or connect, stream runs, and restart the worker when it dies.
 
-The runtime lives in its own process so a native crash cannot take Home Assistant down (DESIGN.md decision 2);
-this module is the only place that knows that process exists. It turns a dead worker into a typed error for the
+The runtime lives in its own process so a native crash cannot take Home Assistant down
+(docs/architecture.md decision 2); this module is the only place that knows that process exists. It turns a dead worker into a typed error for the
 run in flight, restarts it with backoff, and kills it when an abort is not honoured in time.
 """
 
@@ -91,7 +91,7 @@ class InitSpec:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeInfo:
-    """What the loaded runtime reported about itself (rkllm-runtime.md Appendix A init lines)."""
+    """What the loaded runtime reported about itself (docs/runtime.md Appendix A init lines)."""
 
     version: str
     profile: str
@@ -306,7 +306,7 @@ class RunStream:
     """Async iterator of one run's `TextPiece`s; `finished` is set when it ends normally.
 
     The run is sent when iteration starts (waiting for the previous run to leave the slot). Each run has its
-    own queue, so pieces of an aborted run can never leak into the next one (rkllm-runtime.md §8 item 5).
+    own queue, so pieces of an aborted run can never leak into the next one (docs/runtime.md §8 item 5).
     """
 
     def __init__(self, client: WorkerClient, run_id: int, request: dict[str, Any]) -> None:

@@ -17,11 +17,11 @@ Decisions made here, documented once:
   pieces. Reaching the budget gives `finish_reason="length"` (a call cut off there is never
   emitted: the parser only emits complete calls).
 - `finish_reason`: "tool_calls" when calls were emitted, except "stop" for a named
-  `tool_choice` (OpenAI parity, openai-api.md §2.4); "stop" for a matched stop string or a
+  `tool_choice` (OpenAI parity, docs/openai-api.md §2.4); "stop" for a matched stop string or a
   natural end; "length" when the token budget ended the run.
 - After any run that did not end naturally (stop string, budget abort, cancel, error, crash)
   the planner is invalidated: the KV cache then holds a partial turn, so the next request
-  rebuilds its prefix (rkllm-runtime.md §4.3, "after an abort with keep_history=1").
+  rebuilds its prefix (docs/runtime.md §4.3, "after an abort with keep_history=1").
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ __all__ = ["Engine", "EngineConfig", "Generation", "WorkerLocation", "default_cp
 
 _LOGGER = logging.getLogger(__name__)
 
-# Init-time sampling defaults of Rockchip's official servers (rkllm-runtime.md §4.5): top_k=1 is
+# Init-time sampling defaults of Rockchip's official servers (docs/runtime.md §4.5): top_k=1 is
 # effectively greedy, which keeps small models' tool calls stable.
 DEFAULT_TOP_K: Final = 1
 DEFAULT_TOP_P: Final = 0.9
@@ -85,7 +85,7 @@ INIT_SAMPLING: Final[dict[str, float | int]] = {
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
 }
-# Platforms with big.LITTLE clusters whose big cores are CPU4-CPU7 (rkllm-runtime.md §4.5).
+# Platforms with big.LITTLE clusters whose big cores are CPU4-CPU7 (docs/runtime.md §4.5).
 BIG_CORE_PLATFORMS: Final = frozenset({"RK3588", "RK3576"})
 MAX_CPU_CORES: Final = 8
 MAX_SLOTS: Final = 4
@@ -155,7 +155,7 @@ def local_platform() -> str | None:
 def default_cpu_mask(cpu_cores: int, platform: str | None) -> int:
     """CPU mask for `enabled_cpus_mask`: the big cores CPU4… first on RK3588/RK3576, else CPU0… first.
 
-    The official demos use CPU4-CPU7 on RK3588/RK3576 and CPU0-CPU3 elsewhere (rkllm-runtime.md §4.5);
+    The official demos use CPU4-CPU7 on RK3588/RK3576 and CPU0-CPU3 elsewhere (docs/runtime.md §4.5);
     asking for more cores than the big cluster has on those chips takes all cores from CPU0.
     """
     if platform is not None and platform.upper() in BIG_CORE_PLATFORMS and cpu_cores <= 4:
@@ -1038,7 +1038,7 @@ class Engine:
             # A run from a fresh prompt: the runtime said itself how much of it the KV already held (docs/voice.md §5).
             cached_tokens = run_end.kv_reused
         if aborted and prefill_tokens == 0:
-            # [Inf] no FINISH (so no perf) after an abort (rkllm-runtime.md §4.3): use the planner's estimate.
+            # [Inf] no FINISH (so no perf) after an abort (docs/runtime.md §4.3): use the planner's estimate.
             prefill_tokens = max(0, plan.estimated_prompt_tokens - cached_tokens)
         return Finished(
             finish_reason=self._finish_reason(request, parse_result, length_hit=length_hit),

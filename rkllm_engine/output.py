@@ -1,7 +1,7 @@
 """Incremental parser that turns the runtime's text pieces into engine events.
 
 One parser serves the OpenAI API and the conversation agent, so both see the same
-text, reasoning and tool calls (DESIGN.md, "one event type flows up").
+text, reasoning and tool calls (docs/architecture.md, "one event type flows up").
 
 Behaviour, in the order it is applied to the model's output:
 
@@ -23,7 +23,7 @@ Behaviour, in the order it is applied to the model's output:
 4. Text before the first call streams as it comes. Text after a call is held: it is
    released just before the next valid call (if it is not only whitespace) and dropped
    when no further call follows — like vLLM, which drops text after the calls
-   (openai-api.md §3.2). Once `max_tool_calls` calls were kept, later calls are parsed
+   (docs/openai-api.md §3.2). Once `max_tool_calls` calls were kept, later calls are parsed
    but dropped, and so is all later text.
 5. A call whose tags are complete but whose body is not a valid call (bad JSON, no
    name, non-object arguments) is not raised: its raw text joins the visible text at
@@ -76,7 +76,7 @@ _FUNCTION_HEAD_RE = re.compile(r"([^>\s]+)>")
 
 
 def new_tool_call_id() -> str:
-    """Return an OpenAI-style call id: ``call_`` plus 24 random alphanumerics (openai-api.md §2.1)."""
+    """Return an OpenAI-style call id: ``call_`` plus 24 random alphanumerics (docs/openai-api.md §2.1)."""
     return "call_" + "".join(secrets.choice(_CALL_ID_ALPHABET) for _ in range(24))
 
 
@@ -458,7 +458,7 @@ class OutputParser:
         else:
             self._settle_call(FUNCTION_OPEN + buffer, FUNCTION_OPEN + buffer, at_end=True)
         self._mode = _Mode.TEXT
-        self._after_call_text = ""  # text after the last call is dropped (openai-api.md §3.2)
+        self._after_call_text = ""  # text after the last call is dropped (docs/openai-api.md §3.2)
 
     def _settle_call(self, raw: str, body: str, *, at_end: bool) -> None:
         """Emit a complete call, or fall back to text for an invalid one, or note a truncated one."""

@@ -30,7 +30,7 @@ from rkllm_engine.types import ChatMessage, ChatRequest, CompletionRequest, Inva
 
 CHATML = "chatml"
 EMULATOR_MODEL_HEADER = "rkllm-emulator-model 1"
-TOOL_RESPONSE_TAG = "tool_response"  # the official value; matches Qwen's <tool_response> (rkllm-runtime.md §4.8)
+TOOL_RESPONSE_TAG = "tool_response"  # the official value; matches Qwen's <tool_response> (docs/runtime.md §4.8)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what Qwen's template uses when there is no system message
 DEFAULT_CHARS_PER_TOKEN = 3.0  # conservative: English BPE text averages about 4 characters per token
 
@@ -45,7 +45,7 @@ REQUIRED_TOOL_INSTRUCTION = "Answer with at least one tool call."
 # object nested at most this deep keeps every request far below it (docs/robustness.md §3).
 MAX_TOOL_SCHEMA_DEPTH = 32
 
-# Qwen 2.5's tools block (openai-api.md §3.1); each tool is one JSON line between the tags.
+# Qwen 2.5's tools block (docs/openai-api.md §3.1); each tool is one JSON line between the tags.
 _TOOLS_BLOCK_HEAD = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
@@ -85,7 +85,7 @@ def template_family(model_path: str | Path) -> str | None:
 
 
 def render_chatml_system(system_prompt: str, tools: list[dict[str, Any]]) -> str:
-    """The ChatML system turn with the tools block, as Qwen 2.5's template renders it (openai-api.md §3.1)."""
+    """The ChatML system turn with the tools block, as Qwen 2.5's template renders it (docs/openai-api.md §3.1)."""
     body = system_prompt
     if tools:
         lines = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
@@ -377,7 +377,7 @@ def _tool_names(tools: list[Any]) -> tuple[str, ...]:
 
 
 def _tool_results_json(turn: ToolTurn) -> str:
-    """The tool turn's text: one JSON array of ``{"name", "content"}`` (rkllm-runtime.md §4.8)."""
+    """The tool turn's text: one JSON array of ``{"name", "content"}`` (docs/runtime.md §4.8)."""
     items = [
         {"name": result.name, "content": result.value} if result.name else {"content": result.value}
         for result in turn.results
@@ -505,7 +505,7 @@ class PromptPlanner:
         """The run of `plan` completed: the KV now holds its input and the output."""
         after = plan.resident_after_input
         if after is None or output.stop_matched:
-            # A stop string aborts the run mid-turn: [Inf] the KV then holds a partial turn (rkllm-runtime.md §4.3).
+            # A stop string aborts the run mid-turn: [Inf] the KV then holds a partial turn (docs/runtime.md §4.3).
             self.invalidate()
             return
         if after.history is None:
@@ -513,7 +513,7 @@ class PromptPlanner:
             return
         if output.truncated_call:
             # [Inf] max_new_tokens ended the run inside a call: the KV holds half a call the client never sees,
-            # so the next request rebuilds the history (the static prefix is still valid) (rkllm-runtime.md §4.6).
+            # so the next request rebuilds the history (the static prefix is still valid) (docs/runtime.md §4.6).
             self._state = ResidentState(after.template, after.template_key, after.tool_names, None, after.tokens)
             return
         produced = AssistantTurn(
@@ -541,7 +541,7 @@ class PromptPlanner:
     def _plan_raw(self, request: CompletionRequest) -> PromptPlan:
         if not request.prompt:
             raise InvalidRequestError("prompt is empty")
-        # [Inf] empty template strings make the runtime pass the prompt through untouched (rkllm-runtime.md §4.7).
+        # [Inf] empty template strings make the runtime pass the prompt through untouched (docs/runtime.md §4.7).
         already_raw = self._state is not None and self._state.template == "raw"
         prep: tuple[PrepStep, ...] = () if already_raw else (SetChatTemplate("", "", ""),)
         return PromptPlan(
@@ -674,7 +674,7 @@ class PromptPlanner:
         state = self._state
         already_set = state is not None and state.template == "custom" and state.template_key == template_key
         # [Inf] set_chat_template strings are tokenized with special tokens, like the official Qwen demo values,
-        # and a later set_function_tools restores the built-in template (rkllm-runtime.md §4.7).
+        # and a later set_function_tools restores the built-in template (docs/runtime.md §4.7).
         prep: tuple[PrepStep, ...] = () if already_set else (SetChatTemplate(system, CHATML_USER_PREFIX, postfix),)
         system_tokens = self._budget.tokens(system)
         instructions = [JSON_MODE_INSTRUCTION] if request.json_mode else []
@@ -689,7 +689,7 @@ class PromptPlanner:
         names = _tool_names(request.tools)
         return PromptPlan(
             prep=prep,
-            # [Inf] enable_thinking is ignored once a custom template is set (I#429, rkllm-runtime.md §4.6).
+            # [Inf] enable_thinking is ignored once a custom template is set (I#429, docs/runtime.md §4.6).
             turn=RunTurn(role="user", text=text, keep_history=False, enable_thinking=request.enable_thinking),
             prefill=opening,
             tools_enabled=True,

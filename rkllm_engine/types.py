@@ -1,7 +1,7 @@
 """The engine's contract: requests in, events out, metrics and typed errors.
 
 Both the conversation agent and the OpenAI API speak only these types, so one
-mechanism serves both (DESIGN.md, "one event type flows up").
+mechanism serves both (docs/architecture.md, "one event type flows up").
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ChatRequest:
     `tools` are OpenAI function tools (`{"type": "function", "function": {...}}`).
     `dynamic_context` is text that changes every request (time, live state); it is
     placed after the static prefix so the prefix can stay resident in the KV cache
-    (DESIGN.md decision 6).
+    (docs/architecture.md decision 6).
     """
 
     messages: list[ChatMessage]

@@ -1,6 +1,6 @@
 """ctypes declarations of librkllmrt's C ABI, one profile per incompatible header family.
 
-`v12x` is the header of 1.2.1, 1.2.2 and 1.2.3; `v130` is 1.3.0 (rkllm-runtime.md §2-§3). Struct layouts are
+`v12x` is the header of 1.2.1, 1.2.2 and 1.2.3; `v130` is 1.3.0 (docs/runtime.md §2-§3). Struct layouts are
 interface facts from the header; `python -m rkllm_native.abi --profile v12x|v130` prints them as JSON so anyone
 can compare them with `rkllm.h`.
 """
@@ -63,7 +63,7 @@ CPU_MASKS: Final[tuple[int, ...]] = tuple(1 << core for core in range(8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Structs identical in both profiles (rkllm-runtime.md §3: "identical to 1.3.0")
+# Structs identical in both profiles (docs/runtime.md §3: "identical to 1.3.0")
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -189,11 +189,11 @@ LLMResultCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(RKLLMResult), 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# v12x (1.2.1, 1.2.2, 1.2.3) — rkllm-runtime.md §3
+# v12x (1.2.1, 1.2.2, 1.2.3) — docs/runtime.md §3
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# RKLLMParam offsets 0-56 are the same in both profiles (rkllm-runtime.md §3: "offsets 0-55 are the same as 1.3.0",
+# RKLLMParam offsets 0-56 are the same in both profiles (docs/runtime.md §3: "offsets 0-55 are the same as 1.3.0",
 # then skip_special_token @56); the profiles differ from there on.
 _PARAM_HEAD: list[tuple[str, Any]] = [
         ("model_path", ctypes.c_char_p),
@@ -274,7 +274,7 @@ class RKLLMInferParamV12x(ctypes.Structure):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# v130 (1.3.0) — rkllm-runtime.md §2
+# v130 (1.3.0) — docs/runtime.md §2
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -417,7 +417,7 @@ class RKLLMParamReturnSlot(ctypes.Structure):
 
     The function returns RKLLMParam by value and the callee writes its own sizeof into the caller's slot, so a
     slot larger than every known RKLLMParam (208/184) cannot be overrun by a mismatched library
-    (rkllm-runtime.md §5.5). The binding declares it but never calls the function.
+    (docs/runtime.md §5.5). The binding declares it but never calls the function.
     """
 
     _fields_ = [("storage", ctypes.c_uint64 * (DEFAULT_PARAM_RETURN_SLOT_SIZE // 8))]

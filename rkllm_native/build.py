@@ -26,7 +26,7 @@ PROFILES: Final[tuple[Profile, ...]] = ("v12x", "v130")
 EMULATOR_DIR: Final = Path(__file__).resolve().parent / "emulator"
 BUILD_DIR: Final = EMULATOR_DIR / "build"
 
-# One source tree compiled twice; the define picks the struct layouts (rkllm-runtime.md §2 vs §3).
+# One source tree compiled twice; the define picks the struct layouts (docs/runtime.md §2 vs §3).
 _ABI_DEFINES: Final[dict[str, str]] = {"v12x": "RKLLM_EMU_ABI_V12X", "v130": "RKLLM_EMU_ABI_V130"}
 CFLAGS: Final[tuple[str, ...]] = (
     "-std=c11",

@@ -1,6 +1,6 @@
 """Tell which librkllmrt a file is, and so which ABI profile to use, without loading it.
 
-librkllmrt exports no version function (rkllm-runtime.md §5). The order of evidence is: the embedded
+librkllmrt exports no version function (docs/runtime.md §5). The order of evidence is: the embedded
 `RKLLM SDK (version: X | …)` marker, then the git-blob SHA-1 of the official binaries, then an explicit
 profile override. Symbols only separate ≤1.2.0 from ≥1.2.1.
 """
@@ -33,7 +33,7 @@ _LOGGER = logging.getLogger(__name__)
 
 SUPPORTED_RANGE_TEXT: Final = "rkllm supports 1.2.1-1.2.3 and 1.3.0"
 
-# Marker from rkllm-runtime.md §5.1; the version part is bounded so the chunked scan needs a small overlap only.
+# Marker from docs/runtime.md §5.1; the version part is bounded so the chunked scan needs a small overlap only.
 VERSION_MARKER: Final = re.compile(rb"RKLLM SDK \(version: ([0-9][0-9a-z.]{0,31})")
 _MARKER_MAX_LEN: Final = len(b"RKLLM SDK (version: ") + 32
 _SYMBOL_INIT: Final = b"rkllm_init\x00"
@@ -44,7 +44,7 @@ _CHUNK_SIZE: Final = 1 << 20
 _KNOWN_PROFILES: Final[dict[str, ProfileName]] = {"1.2.1": "v12x", "1.2.2": "v12x", "1.2.3": "v12x", "1.3.0": "v130"}
 _OLDEST_SUPPORTED: Final = (1, 2, 1)
 
-# Git-blob SHA-1 of the official binaries (rkllm-runtime.md §5.2): version → {build variant: sha1}.
+# Git-blob SHA-1 of the official binaries (docs/runtime.md §5.2): version → {build variant: sha1}.
 OFFICIAL_BLOB_SHA1: Final[dict[str, dict[str, str]]] = {
     "1.0.0": {
         "linux-aarch64": "53e00993ebbc7797df09673f806479e8642db946",
@@ -161,7 +161,7 @@ class LibraryIdentity:
 
 
 def git_blob_sha1(data: bytes) -> str:
-    """SHA-1 of a git blob, as in the official repository (rkllm-runtime.md §5.2)."""
+    """SHA-1 of a git blob, as in the official repository (docs/runtime.md §5.2)."""
     digest = hashlib.sha1(b"blob %d\x00" % len(data), usedforsecurity=False)
     digest.update(data)
     return digest.hexdigest()

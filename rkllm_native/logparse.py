@@ -1,7 +1,7 @@
 """Parse the runtime's `I/W/E rkllm:` log lines: the only place it reports versions and error reasons.
 
-The C API returns bare 0/-1 (rkllm-runtime.md §4.4); the detail (driver version, the model's context
-limit, why a prompt was refused) is printed on stdout. Formats follow rkllm-runtime.md Appendix A.
+The C API returns bare 0/-1 (docs/runtime.md §4.4); the detail (driver version, the model's context
+limit, why a prompt was refused) is printed on stdout. Formats follow docs/runtime.md Appendix A.
 """
 
 from __future__ import annotations

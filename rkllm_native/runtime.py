@@ -43,7 +43,7 @@ _LOGGER = logging.getLogger(__name__)
 
 _INT32_MIN: Final = -(2**31)
 _INT32_MAX: Final = 2**31 - 1
-_N_BATCH_MAX: Final = 100  # `E rkllm: The n_batch must be between 1 and 100` (rkllm-runtime.md Appendix A)
+_N_BATCH_MAX: Final = 100  # `E rkllm: The n_batch must be between 1 and 100` (docs/runtime.md Appendix A)
 _CPU_COUNT_MAX: Final = 8
 _MIROSTAT_MODES: Final = (0, 1, 2)
 _DESTROY_WAIT_S: Final = 30.0
@@ -60,7 +60,7 @@ Role = Literal["user", "tool"]
 
 @dataclass(slots=True)
 class RuntimeParams:
-    """Init settings (RKLLMParam + RKLLMExtendParam); defaults are the documented ones (rkllm-runtime.md §4.5)."""
+    """Init settings (RKLLMParam + RKLLMExtendParam); defaults are the documented ones (docs/runtime.md §4.5)."""
 
     model_path: str | Path
     max_context_len: int = 4096
@@ -248,7 +248,7 @@ class _RunState:
 
     def _deliver_locked(self, result: abi.RKLLMResult | None, state: int) -> int:
         if state == LLMCallState.RKLLM_RUN_NORMAL:
-            if result is None or result.text is None:  # text may be NULL (rkllm-runtime.md §4.2)
+            if result is None or result.text is None:  # text may be NULL (docs/runtime.md §4.2)
                 return CallbackReturn.CONTINUE
             self.last_token_id = result.token_id
             piece = self.decoder.decode(result.text, final=False)
@@ -387,7 +387,7 @@ def _sampling_values(sampling: SamplingParams | RuntimeParams) -> dict[str, obje
 
 
 def _dlopen_hint(reason: str) -> str:
-    """A hint for the dlopen failures users actually hit (rkllm-runtime.md §9)."""
+    """A hint for the dlopen failures users actually hit (docs/runtime.md §9)."""
     if "GLIBC" in reason or "ld-linux" in reason or "symbol not found" in reason:
         return (
             "; librkllmrt needs glibc >= 2.29, libgomp and libstdc++: Home Assistant OS and the official container "
@@ -517,7 +517,7 @@ class Runtime:
                     return_code=return_code,
                 )
             if not handle.value:
-                # A community report: ret 0 with a NULL handle under NPU out-of-memory (rkllm-runtime.md §2.4).
+                # A community report: ret 0 with a NULL handle under NPU out-of-memory (docs/runtime.md §2.4).
                 raise RuntimeInitError(
                     f"rkllm_init returned 0 but no handle for model {model_path} (NPU out of memory?)",
                     model_path=model_path,
@@ -599,7 +599,7 @@ class Runtime:
         """Stop the current run (rkllm_abort) from any thread, the sink included; a no-op when nothing runs.
 
         The sink gets no further events once this returns. The run ends at the runtime's next token or prefill
-        boundary (cooperative, rkllm-runtime.md §4.3); run() then returns with `aborted=True`.
+        boundary (cooperative, docs/runtime.md §4.3); run() then returns with `aborted=True`.
         """
         run = self._active_run
         handle = self._handle
@@ -615,7 +615,7 @@ class Runtime:
     def _wait_for_native_run(self, run: _RunState, handle: ctypes.c_void_p) -> None:
         """Wait (briefly) until rkllm_run has really started: an abort before that would be forgotten.
 
-        [Inf] rkllm_is_running is 1 while a run is in progress (rkllm-runtime.md §2.4, I#502). Whether the real
+        [Inf] rkllm_is_running is 1 while a run is in progress (docs/runtime.md §2.4, I#502). Whether the real
         runtime drops an abort that comes before rkllm_run starts is undocumented; the emulator drops it.
         """
         deadline = time.monotonic() + _ABORT_ENTRY_WAIT_S
@@ -800,7 +800,7 @@ class Runtime:
             "n_keep": params.n_keep,
             **_sampling_values(params),
             "skip_special_token": params.skip_special_token,
-            "is_async": False,  # always sync rkllm_run in a worker thread (rkllm-runtime.md §4.3)
+            "is_async": False,  # always sync rkllm_run in a worker thread (docs/runtime.md §4.3)
             "extend_param": extend,
         }
         if self.profile.name == "v130":

@@ -11,7 +11,7 @@ What it reports:
 - the runtime version and ABI profile (detected from the library file), the rknpu driver version and platform
   (from the runtime's init line and `/sys/kernel/debug/rknpu/version` when readable);
 - load time, time to first token, prefill and decode tokens/s for a fixed prompt, compared with the published
-  numbers of rkllm-runtime.md §10 for the model's class (guessed from the file name or the emulator calibration);
+  numbers of docs/runtime.md §10 for the model's class (guessed from the file name or the emulator calibration);
 - one PASS/FAIL/UNKNOWN line per hardware assumption of docs/HISTORY.md that a run can decide: the KV cache
   keeping the system prompt and the history (prefill token counts and times), `set_function_tools` with "[]",
   template restore, forced tool-call prefill, the empty template, keep_history=0, abort and max_new_tokens;
@@ -79,9 +79,9 @@ from .errors import RkllmError, RuntimeNotInitializedError
 from .runtime import PerfStat, RunInput, RunOptions, Runtime, RuntimeParams
 
 SCHEMA_VERSION: Final = 1
-MINIMUM_DRIVER: Final = "0.9.8"  # the 1.3.0 SDK's requirement (rkllm-runtime.md §7)
+MINIMUM_DRIVER: Final = "0.9.8"  # the 1.3.0 SDK's requirement (docs/runtime.md §7)
 RKNPU_VERSION_FILE: Final = Path("/sys/kernel/debug/rknpu/version")
-BENCH_MAX_NEW_TOKENS: Final = 64  # the official benchmark generates 64 tokens (rkllm-runtime.md §10.1)
+BENCH_MAX_NEW_TOKENS: Final = 64  # the official benchmark generates 64 tokens (docs/runtime.md §10.1)
 CUT_MAX_NEW_TOKENS: Final = 8  # per-run cap for the max_new_tokens check (ABI v130 only)
 MIN_CONTEXT: Final = 2048  # the ~1k-token system prompt, a few turns and their answers must fit
 DEFAULT_CONTEXT: Final = 4096
@@ -237,7 +237,7 @@ def chatml_system_with_tools(system_prompt: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Published numbers (rkllm-runtime.md §10) and the model-class guess
+# Published numbers (docs/runtime.md §10) and the model-class guess
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -265,9 +265,9 @@ class Reference:
     memory_mb: float | None
 
 
-_OFFICIAL_RK3588: Final = "rkllm-runtime.md §10.1, official benchmark v1.3.0 (128 input tokens, 64 new)"
-_COMMUNITY_RK3588: Final = "rkllm-runtime.md §10.2, community measurement"
-_OTHER_SOCS: Final = "rkllm-runtime.md §10.1, official table for other SoCs (decode only)"
+_OFFICIAL_RK3588: Final = "docs/runtime.md §10.1, official benchmark v1.3.0 (128 input tokens, 64 new)"
+_COMMUNITY_RK3588: Final = "docs/runtime.md §10.2, community measurement"
+_OTHER_SOCS: Final = "docs/runtime.md §10.1, official table for other SoCs (decode only)"
 
 # class key → display name; the keys are what guess_model_class produces.
 CLASS_NAMES: Final[dict[str, str]] = {
@@ -352,7 +352,7 @@ def _normalise_size(size: str) -> str:
 
 
 def class_from_name(name: str, source: Literal["file name", "emulator calibration"]) -> ModelClass | None:
-    """Recognise a published model class in a file or calibration name (rkllm-runtime.md §7 naming habit)."""
+    """Recognise a published model class in a file or calibration name (docs/runtime.md §7 naming habit)."""
     lowered = name.lower()
     for pattern, family in _FAMILIES:
         if pattern.search(lowered) is None:
@@ -379,7 +379,7 @@ def reference_for(model_class: ModelClass | None, board_platform: str | None) ->
             model_class.display, target, model_class.dtype or "unspecified", _OTHER_SOCS, None, None,
             _RK3562_DECODE[model_class.key], None,
         )  # fmt: skip
-    # RK3588 benchmarks are w8a8 only (rkllm-runtime.md §7); a file without a dtype is compared with w8a8.
+    # RK3588 benchmarks are w8a8 only (docs/runtime.md §7); a file without a dtype is compared with w8a8.
     dtype = model_class.dtype or "w8a8"
     row = _REFERENCE_ROWS.get((model_class.key, target, dtype))
     if row is None:
@@ -858,7 +858,7 @@ def evaluate_tool_turn(call_turn: RunMeasurement, tool_turn: RunMeasurement, col
 
 
 def evaluate_driver(version: str | None, source: str | None) -> CheckResult:
-    """The 1.3.0 SDK needs rknpu driver ≥ 0.9.8 (rkllm-runtime.md §7)."""
+    """The 1.3.0 SDK needs rknpu driver ≥ 0.9.8 (docs/runtime.md §7)."""
     title = f"rknpu driver ≥ {MINIMUM_DRIVER}"
     measurements: Measurements = {"driver_version": version, "source": source}
     parsed = None if version is None else version_tuple(version)
@@ -878,7 +878,7 @@ def evaluate_performance(bench: RunMeasurement, reference: Reference | None, spe
     prefill = bench.prefill_tokens_per_s
     measurements: Measurements = {"decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill}
     if reference is None:
-        detail = "unknown class: no published figures for this model on this platform (rkllm-runtime.md §10)"
+        detail = "unknown class: no published figures for this model on this platform (docs/runtime.md §10)"
         return CheckResult("performance", None, title, "UNKNOWN", detail, measurements)
     if decode is None:
         return CheckResult("performance", None, title, "UNKNOWN", "the run generated no tokens", measurements)
@@ -896,7 +896,7 @@ def evaluate_performance(bench: RunMeasurement, reference: Reference | None, spe
         return CheckResult("performance", None, title, "PASS", detail, measurements)
     hint = (
         "; below the published figures: run rknn-llm's scripts/fix_freq_<soc>.sh as root, set the CPU governor to "
-        "performance, check DDR frequency scaling (rkllm-runtime.md §8 item 12)"
+        "performance, check DDR frequency scaling (docs/runtime.md §8 item 12)"
     )
     return CheckResult("performance", None, title, "FAIL", detail + hint, measurements)
 

@@ -1,6 +1,6 @@
 """The process that owns the runtime handle and serves it over the framed protocol.
 
-A native crash in librkllmrt must not take Home Assistant down (DESIGN.md decision 2), and musl hosts need
+A native crash in librkllmrt must not take Home Assistant down (docs/architecture.md decision 2), and musl hosts need
 the runtime on a glibc machine (decision 3), so the handle lives here: locally on an inherited socketpair
 (`--fd N`) or remotely on TCP (`--listen HOST:PORT --secret-file FILE [--tls-cert FILE --tls-key FILE]`). Run
 it as `python -m rkllm_native.worker`. It opens only the libraries and models it was started with (`--library`,
@@ -80,7 +80,7 @@ class OpError(Exception):
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
     """Ask Linux to signal us when the parent goes away, so no orphan keeps NPU memory.
 
-    PR_SET_PDEATHSIG fires when the *thread* that forked us exits (rkllm-runtime.md §8 item 9), so the
+    PR_SET_PDEATHSIG fires when the *thread* that forked us exits (docs/runtime.md §8 item 9), so the
     client forks from its long-lived event-loop thread; we set it first thing in our main thread.
     """
     if not sys.platform.startswith("linux"):
@@ -116,7 +116,7 @@ def _flush_c_stdio() -> None:
 class LogTap:
     """Captures fd 1 and fd 2 through a pipe, forwards each line and keeps the last ones.
 
-    The runtime prints its only diagnostics there (rkllm-runtime.md Appendix A), and the protocol channel
+    The runtime prints its only diagnostics there (docs/runtime.md Appendix A), and the protocol channel
     must never be fd 1. `sync()` is a barrier: after it returns every line printed before it was seen,
     which lets init and run results include the lines they caused.
     """
@@ -408,7 +408,7 @@ def perf_to_dict(perf: PerfStat | None) -> dict[str, float | int]:
 
 
 def _read_proc_status() -> dict[str, int]:
-    """VmRSS/VmHWM in bytes, as the runtime's own perf figure uses VmHWM (rkllm-runtime.md §4.9)."""
+    """VmRSS/VmHWM in bytes, as the runtime's own perf figure uses VmHWM (docs/runtime.md §4.9)."""
     result: dict[str, int] = {}
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as status:
@@ -873,7 +873,7 @@ class Worker:
     def _enforce_abort(self, run: ActiveRun, grace_s: float) -> None:
         """Exit the process when a run ignores abort past the grace; its supervisor starts a fresh one.
 
-        [Inf] abort is cooperative and was seen to take >1 s (rkllm-runtime.md §8 item 8); past the grace the
+        [Inf] abort is cooperative and was seen to take >1 s (docs/runtime.md §8 item 8); past the grace the
         handle is in an unknown state, and only a new process gives a clean one.
         """
         if run.done.wait(grace_s):
@@ -919,7 +919,7 @@ class Worker:
         return {}
 
     def op_set_chat_template(self, message: dict[str, Any], outbox: Outbox) -> dict[str, Any]:
-        """Replace the chat template (disables tools and thinking: rkllm-runtime.md §4.7)."""
+        """Replace the chat template (disables tools and thinking: docs/runtime.md §4.7)."""
         runtime = self._require_idle("set_chat_template")
         system_prompt = _str_arg(message, "system_prompt")
         prefix = _str_arg(message, "prompt_prefix")
@@ -994,7 +994,7 @@ class Worker:
 # Init failures: what the runtime's lines say went wrong
 # ---------------------------------------------------------------------------
 
-# [Inf] Strings the runtime prints when init fails, from the library's strings and user reports (rkllm-runtime.md
+# [Inf] Strings the runtime prints when init fails, from the library's strings and user reports (docs/runtime.md
 # §7, §8 item 9, Appendix A), not observed on a board. Matched on any line: the out-of-memory and RKNN magic
 # messages do not come as `E rkllm:` lines.
 _PLATFORM_MISMATCH = re.compile(r"target_platform does not match", re.IGNORECASE)
@@ -1009,7 +1009,7 @@ _MODEL_REFUSED = re.compile(
 def init_problem(lines: list[str], return_code: str | None) -> str | None:
     """Classify a failed rkllm_init from what the runtime printed during it (newest line first).
 
-    [Inf] rkllm_init returning 0 without a handle was reported under NPU out-of-memory (rkllm-runtime.md §2.4).
+    [Inf] rkllm_init returning 0 without a handle was reported under NPU out-of-memory (docs/runtime.md §2.4).
     """
     for line in reversed(lines):
         if _PLATFORM_MISMATCH.search(line):
@@ -1352,7 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the worker; returns the process exit code."""
     args = _parse_args(argv)
     if args.fd is not None:
-        # Before any thread exists, in the main thread: die with the parent (rkllm-runtime.md §8 item 9).
+        # Before any thread exists, in the main thread: die with the parent (docs/runtime.md §8 item 9).
         set_parent_death_signal()
         if args.parent_pid is not None and os.getppid() != args.parent_pid:
             # The parent died before prctl took effect: the death signal will never come.

@@ -73,7 +73,7 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
 
 @pytest.fixture(autouse=True)
 async def setup_homeassistant(hass: HomeAssistant) -> None:
-    """`conversation` needs the exposed-entities store of `homeassistant` (toolchain.md)."""
+    """`conversation` needs the exposed-entities store of `homeassistant` (docs/toolchain.md)."""
     assert await async_setup_component(hass, "homeassistant", {})
 
 

@@ -1,6 +1,6 @@
 """Every Home Assistant API difference between 2025.4 and today, feature-detected in one place.
 
-Nothing here compares version numbers: each shim checks whether the newer API exists (home-assistant.md §2.3-2.4)
+Nothing here compares version numbers: each shim checks whether the newer API exists (docs/home-assistant.md §2.3-2.4)
 and falls back to the 2025.4 one. Other modules never touch a version-specific attribute directly.
 """
 

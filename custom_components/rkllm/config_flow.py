@@ -196,7 +196,7 @@ def model_file_problem(path: str) -> tuple[str, str] | None:
     """(form error key, one-line reason) when `path` cannot be an RKLLM model, else None. Blocking I/O.
 
     [Inf] A real model has no documented magic number we could check without the runtime (the runtime's own
-    check prints "invalid rknn llm model magic", rkllm-runtime.md §7), so the check is: a
+    check prints "invalid rknn llm model magic", docs/runtime.md §7), so the check is: a
     readable regular file with the `.rkllm` extension and at least MIN_RKLLM_MODEL_BYTES. An emulator model is
     recognised by its first non-comment line, `rkllm-emulator-model 1` (rkllm_native/emulator/MODEL_FORMAT.md).
     """

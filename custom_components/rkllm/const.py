@@ -63,7 +63,7 @@ CONF_MAX_HISTORY: Final = "max_history"
 CONF_MAX_TOOL_ITERATIONS: Final = "max_tool_iterations"
 CONF_QUICK_CONFIRMATIONS: Final = "quick_confirmations"
 
-# Sampling defaults follow the official server demo (rkllm-runtime.md §6); top_k 1 is greedy, which keeps tool
+# Sampling defaults follow the official server demo (docs/runtime.md §6); top_k 1 is greedy, which keeps tool
 # calls of small models deterministic.
 DEFAULT_TEMPERATURE: Final = 0.8
 DEFAULT_TOP_P: Final = 0.9
@@ -71,7 +71,7 @@ DEFAULT_TOP_K: Final = 1
 DEFAULT_REPEAT_PENALTY: Final = 1.1
 DEFAULT_MAX_NEW_TOKENS: Final = 512
 DEFAULT_ENABLE_THINKING: Final = False
-# The Assist prompt alone is 1.5-2 k tokens (home-assistant.md §2.7); a 4 k context leaves room for few turns.
+# The Assist prompt alone is 1.5-2 k tokens (docs/home-assistant.md §2.7); a 4 k context leaves room for few turns.
 DEFAULT_MAX_HISTORY: Final = 5
 # Core uses 10; a 1-3 B model that loops on a failing tool wastes seconds of NPU time per iteration.
 DEFAULT_MAX_TOOL_ITERATIONS: Final = 5
@@ -85,7 +85,7 @@ DEFAULT_TITLE: Final = "RKLLM"
 # Downloads (models, runtimes) go to this folder of the Home Assistant configuration directory.
 DOWNLOAD_FOLDER: Final = "rkllm"
 
-# Model load on a board takes seconds (rkllm-runtime.md §10); a worker that needs longer is treated as not ready.
+# Model load on a board takes seconds (docs/runtime.md §10); a worker that needs longer is treated as not ready.
 ENGINE_START_TIMEOUT_S: Final = 120.0
 # The config flow's remote probe must answer quickly or the form hangs.
 REMOTE_PROBE_TIMEOUT_S: Final = 10.0

@@ -21,7 +21,7 @@ from .data import RkllmRuntimeData
 TO_REDACT = {CONF_WORKER_SECRET, CONF_PROMPT}
 
 # Runtime lines that print prompt text after a key: `I rkllm: system_prompt: …`, `prompt_prefix: …`,
-# `prompt_postfix: …` (rkllm-runtime.md Appendix A), and tool definitions if a runtime echoes them.
+# `prompt_postfix: …` (docs/runtime.md Appendix A), and tool definitions if a runtime echoes them.
 _PROMPT_ECHO = re.compile(r"^(?P<head>.*?\b(?:system_prompt|prompt_prefix|prompt_postfix|tools?)\s*:)\s*\S.*$")
 
 

@@ -12,7 +12,7 @@ Decisions (README "OpenAI-compatible API" documents them for users):
   a browser (it is not a cookie), so another site cannot use a user's session through these routes.
 - Models: the raw model (client tools come back as `tool_calls`) and one model per conversation agent (Home
   Assistant's tools run server-side with the caller's rights). An unknown model id in a completion request is
-  served by the raw model (lenient single-model mode, openai-api.md §1.1); `GET /v1/models/{unknown}` is 404.
+  served by the raw model (lenient single-model mode, docs/openai-api.md §1.1); `GET /v1/models/{unknown}` is 404.
 - Errors are decided before the first byte when possible: for a stream the response is prepared only when the
   first event arrives or the first keep-alive is due, so queue-full (429), unavailable (503) and context overflow
   (400) get their status code; later errors go in-band followed by `[DONE]`.
@@ -89,7 +89,7 @@ _LOGGER = logging.getLogger(__name__)
 DATA_VIEWS: Final[HassKey[_ViewState]] = HassKey(f"{DOMAIN}_http_views")
 # Keep-alive comment while a stream is silent (queued or prefilling): below common proxy idle timeouts (30-60 s).
 SSE_PING_INTERVAL_S: Final = 10.0
-# Retry-After while the model loads or the worker restarts: a model load takes seconds (rkllm-runtime.md §10.2).
+# Retry-After while the model loads or the worker restarts: a model load takes seconds (docs/runtime.md §10.2).
 UNAVAILABLE_RETRY_AFTER_S: Final = 10
 OWNED_BY: Final = "rkllm"
 AGENT_TEXT_SEPARATOR: Final = "\n\n"
@@ -171,7 +171,7 @@ def _no_model_error() -> OpenAIError:
 
 
 def engine_error(err: EngineError, *, prompt_param: str) -> OpenAIError:
-    """The HTTP answer to an engine failure (status table of openai-api.md §2.7)."""
+    """The HTTP answer to an engine failure (status table of docs/openai-api.md §2.7)."""
     if isinstance(err, QueueFullError):
         return OpenAIError(
             str(err),

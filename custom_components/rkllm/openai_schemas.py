@@ -1,6 +1,6 @@
 """OpenAI wire shapes: request models, response typed dicts, and request → engine translation.
 
-Requests are validated with pydantic and translated with the accept / ignore / reject policy of openai-api.md §1.6.
+Requests are validated with pydantic and translated with the accept / ignore / reject policy of docs/openai-api.md §1.6.
 
 Policy: a field that would change the response's shape or contract if ignored (`n>1`, `logprobs`, `echo`, `suffix`,
 `best_of>1`, non-text content parts, an invalid `tool_choice`) is rejected with 400 and the `param` naming it; a field
@@ -23,8 +23,9 @@ from rkllm_engine.types import ChatMessage, ChatRequest, CompletionRequest, Prio
 _LOGGER = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS: Final = 4
-LEGACY_COMPLETION_DEFAULT_MAX_TOKENS: Final = 16  # the OpenAI spec's default for /v1/completions (openai-api.md §1.4)
-# vLLM caps validation output the same way so a huge bad body cannot produce a huge error (openai-api.md §1.7).
+# The OpenAI spec's default for /v1/completions (docs/openai-api.md §1.4).
+LEGACY_COMPLETION_DEFAULT_MAX_TOKENS: Final = 16
+# vLLM caps validation output the same way so a huge bad body cannot produce a huge error (docs/openai-api.md §1.7).
 MAX_REPORTED_ERRORS: Final = 5
 MAX_ERROR_PART_CHARS: Final = 200
 TOOL_NAME_PATTERN: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -54,7 +55,7 @@ class OpenAIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> ErrorBody:
-        """The error as OpenAI's `{"error": {message, type, param, code}}` (all four keys, openai-api.md §2.7)."""
+        """The error as OpenAI's `{"error": {message, type, param, code}}` (all four keys, docs/openai-api.md §2.7)."""
         return error_body(self.message, self.error_type, self.param, self.code)
 
 
@@ -184,7 +185,7 @@ class ChatCompletionChunkObject(TypedDict):
 
 
 class TextChoiceObject(TypedDict):
-    """One legacy completion choice (streamed and not: the same shape, openai-api.md §2.5)."""
+    """One legacy completion choice (streamed and not: the same shape, docs/openai-api.md §2.5)."""
 
     text: str
     index: int
@@ -364,7 +365,7 @@ class _SamplingFields(_Lenient):
             )
         if self.logit_bias:
             # Non-empty logit_bias changes results, but the runtime has no logit API; ignoring it (with a warning)
-            # is friendlier than failing clients that always send it (openai-api.md §1.1).
+            # is friendlier than failing clients that always send it (docs/openai-api.md §1.1).
             _LOGGER.warning("logit_bias is not supported by the RKLLM runtime and was ignored")
         if self.model_extra:
             _LOGGER.debug("fields present in the request but ignored: %s", ", ".join(sorted(self.model_extra)))
@@ -376,7 +377,7 @@ class _SamplingFields(_Lenient):
 
 
 class ChatCompletionRequestIn(_SamplingFields):
-    """`POST /v1/chat/completions` (openai-api.md §1.1)."""
+    """`POST /v1/chat/completions` (docs/openai-api.md §1.1)."""
 
     messages: list[MessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -395,7 +396,7 @@ class ChatCompletionRequestIn(_SamplingFields):
 
 
 class CompletionRequestIn(_SamplingFields):
-    """`POST /v1/completions` (legacy, openai-api.md §1.4)."""
+    """`POST /v1/completions` (legacy, docs/openai-api.md §1.4)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=LEGACY_COMPLETION_DEFAULT_MAX_TOKENS, ge=1)
@@ -618,7 +619,7 @@ def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
             if text is None:
                 raise OpenAIError(f"{where}: a tool message needs content", param=f"{where}.content")
             if message.tool_call_id is None:
-                # Lenient like llama.cpp: Qwen/Hermes templates do not use the id (openai-api.md §1.2).
+                # Lenient like llama.cpp: Qwen/Hermes templates do not use the id (docs/openai-api.md §1.2).
                 _LOGGER.debug("%s: tool message without tool_call_id", where)
             name = call_names.get(message.tool_call_id or "") or message.name
             result.append(ChatMessage(role="tool", content=text, tool_call_id=message.tool_call_id, name=name))
@@ -658,7 +659,7 @@ def _tool_definitions(tools: list[ToolDefinition] | None) -> list[dict[str, Any]
 
 
 def _tool_choice(choice: str | dict[str, Any] | None, tools_sent: bool, tool_names: list[str]) -> str:
-    """`tool_choice` → the engine's value, with vLLM's rule set (openai-api.md §1.3) and `tools: []` = no tools."""
+    """`tool_choice` → the engine's value, with vLLM's rule set (docs/openai-api.md §1.3) and `tools: []` = no tools."""
     if choice is None:
         return "auto" if tool_names else "none"
     if isinstance(choice, str):

@@ -1,7 +1,7 @@
 """Engine events → OpenAI objects: one translator per endpoint serves both the SSE stream and the plain response.
 
 The non-streamed object is built from the same state the chunks came from, so a client sees the same text, tool
-calls and finish reason either way. Delta discipline (openai-api.md §2.2-2.3): `role` only in the first chunk; each
+calls and finish reason either way. Delta discipline (docs/openai-api.md §2.2-2.3): `role` only in the first chunk; each
 tool call's `index`, `id`, `type` and name once, then only argument fragments; a finish chunk with `delta: {}`; a
 usage chunk with `choices: []` only when `stream_options.include_usage` asked for it.
 """
@@ -52,7 +52,7 @@ _FENCE_CHARS: Final = frozenset("`\n\r\t ")
 
 
 def new_completion_id(prefix: str) -> str:
-    """`chatcmpl-…` / `cmpl-…` plus 32 random alphanumerics, like llama.cpp (openai-api.md §2.1)."""
+    """`chatcmpl-…` / `cmpl-…` plus 32 random alphanumerics, like llama.cpp (docs/openai-api.md §2.1)."""
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(32))
 
 
@@ -211,7 +211,7 @@ class ChatCompletionTranslator:
         text = self.text
         message: AssistantMessageObject = {
             "role": "assistant",
-            # OpenAI sends null content next to tool calls when no text preceded them (openai-api.md §2.1).
+            # OpenAI sends null content next to tool calls when no text preceded them (docs/openai-api.md §2.1).
             "content": None if calls and not text else text,
             "refusal": None,
         }

@@ -3,7 +3,7 @@
 Setup problems (library missing or unsupported, model built for another SoC) are raised by `__init__` through
 `async_raise_setup_issue` and cleared by `async_clear_setup_issues` once setup succeeds. While the entry runs,
 `async_track_issues` watches the engine: its metrics (restarts, error state) and the runtime's own log lines,
-the only place the runtime names driver and platform problems (rkllm-runtime.md §7, Appendix A).
+the only place the runtime names driver and platform problems (docs/runtime.md §7, Appendix A).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_MODEL_LOAD_FAILED: ir.IssueSeverity.ERROR,
 }
 
-# Formats from the strings of librkllmrt (rkllm-runtime.md Appendix A). [Inf] The version line opens every
-# rkllm_init (rkllm-runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded
+# Formats from the strings of librkllmrt (docs/runtime.md Appendix A). [Inf] The version line opens every
+# rkllm_init (docs/runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded
 # now (or that just failed to load).
 _INIT_VERSION_LINE = re.compile(
     r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
@@ -314,7 +314,7 @@ class EngineIssueTracker:
         loaded = metrics.state in LOADED_STATES
 
         if loaded:
-            # [Inf] A platform mismatch makes rkllm_init fail (rkllm-runtime.md §7), so a loaded model matches this SoC.
+            # [Inf] A platform mismatch makes rkllm_init fail (docs/runtime.md §7), so a loaded model matches this SoC.
             _async_delete_issue(self._hass, self._entry_id, ISSUE_MODEL_PLATFORM_MISMATCH)
         elif init.platform_mismatch:
             _async_create_issue(
@@ -339,7 +339,7 @@ class EngineIssueTracker:
                 {"title": self._title, "driver_version": driver or "", "required_version": required},
             )
         elif loaded:
-            # [Inf] The runtime prints the warning during init, before rkllm_init returns (rkllm-runtime.md §7);
+            # [Inf] The runtime prints the warning during init, before rkllm_init returns (docs/runtime.md §7);
             # a loaded runtime whose init printed none accepts this driver.
             _async_delete_issue(self._hass, self._entry_id, ISSUE_NPU_DRIVER_TOO_OLD)
 

@@ -14,7 +14,7 @@
 #else
 #define EMU_RUNTIME_VERSION "1.2.3"
 #endif
-/* The rknpu driver version the runtime asks for (rkllm-runtime.md §7: 1.3.0 doc requires 0.9.8). */
+/* The rknpu driver version the runtime asks for (docs/runtime.md §7: 1.3.0 doc requires 0.9.8). */
 #define EMU_WANTED_DRIVER_VERSION "0.9.8"
 /* The end-of-turn token the default (Qwen ChatML) template closes an assistant turn with. */
 #define EMU_EOS_TEXT "<|im_end|>"

@@ -2,7 +2,7 @@
  * emu_model.c: reads the emulator's "model" file (the format is specified in MODEL_FORMAT.md).
  *
  * The file stands in for a converted .rkllm model: it carries the cost model (calibrated from
- * rkllm-runtime.md §10), the platform facts the real runtime checks at init, faults to inject, and
+ * docs/runtime.md §10), the platform facts the real runtime checks at init, faults to inject, and
  * scripted answers.
  */
 #define _GNU_SOURCE /* strcasecmp */
@@ -21,7 +21,7 @@
 
 /*
  * Named cost models, RK3588 w8a8. Prefill is the official 128/TTFT figure, decode and memory are the
- * official benchmark (rkllm-runtime.md §10.1) except where noted. Load time: the one community
+ * official benchmark (docs/runtime.md §10.1) except where noted. Load time: the one community
  * measurement (Qwen3-1.7B, 2.8 s for 2343 MB, §10.2) scaled by memory, clamped to the 2–15 s rule of
  * thumb for a cold load (§10.2).
  */

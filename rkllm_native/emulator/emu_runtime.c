@@ -1,7 +1,7 @@
 /*
- * emu_runtime.c: the exported RKLLM API (rkllm-runtime.md §2.4) on top of the emulator's model file.
+ * emu_runtime.c: the exported RKLLM API (docs/runtime.md §2.4) on top of the emulator's model file.
  *
- * Behaviour follows rkllm-runtime.md §4; where the real runtime's behaviour is only inferred, the code
+ * Behaviour follows docs/runtime.md §4; where the real runtime's behaviour is only inferred, the code
  * says so with an [Inf] comment and MODEL_FORMAT.md documents the choice.
  */
 #define _GNU_SOURCE
@@ -18,7 +18,7 @@
 #include "emu.h"
 #include "rkllm.h"
 
-/* The version marker detect.py scans for (rkllm-runtime.md §5.1); `used` keeps it in the .so. */
+/* The version marker detect.py scans for (docs/runtime.md §5.1); `used` keeps it in the .so. */
 __attribute__((used)) static const char emu_sdk_marker[] =
     "RKLLM SDK (version: " EMU_RUNTIME_VERSION " | target: Linux | build: emulator)";
 
@@ -808,7 +808,7 @@ static void emu_render_system(const emu_handle *h, emu_str *out) {
         if (*system) emu_str_printf(out, "<|im_start|>system\n%s<|im_end|>\n", system);
         return;
     }
-    /* The Qwen2.5 / Hermes tools block (openai-api.md §3.1). */
+    /* The Qwen2.5 / Hermes tools block (docs/openai-api.md §3.1). */
     emu_str_appendz(out, "<|im_start|>system\n");
     if (*system) emu_str_printf(out, "%s\n\n", system);
     emu_str_appendz(out, "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"

@@ -113,7 +113,7 @@ void emu_pieces_free(emu_pieces *pieces) {
 
 int32_t emu_token_id(const char *bytes, size_t len) {
     /* FNV-1a, masked to 31 bits: stable across runs and builds, never negative (negative ids mean
-       "this batch element finished", rkllm-runtime.md §4.2). */
+       "this batch element finished", docs/runtime.md §4.2). */
     uint32_t hash = 2166136261u;
     for (size_t i = 0; i < len; i++) {
         hash ^= (unsigned char)bytes[i];
@@ -239,7 +239,7 @@ const char *emu_tools_resolve(const emu_toollist *tools, const char *name, size_
             return candidate;
         }
     }
-    /* HA 2026.9 prefixes Assist tools with their domain: intent__HassTurnOn (home-assistant.md §2.3). */
+    /* HA 2026.9 prefixes Assist tools with their domain: intent__HassTurnOn (docs/home-assistant.md §2.3). */
     for (size_t i = 0; i < tools->count; i++) {
         const char *candidate = tools->names[i];
         if (candidate == NULL) continue;

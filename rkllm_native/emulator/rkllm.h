@@ -1,7 +1,7 @@
 /*
  * rkllm.h: the RKLLM runtime C API as the emulator exports it.
  *
- * Typed from rkllm-runtime.md §2 (v1.3.0) and §3 (v1.2.1–v1.2.3); these layouts are interface facts,
+ * Typed from docs/runtime.md §2 (v1.3.0) and §3 (v1.2.1–v1.2.3); these layouts are interface facts,
  * not Rockchip's header. One source, two ABI flavours: compile with exactly one of
  * -DRKLLM_EMU_ABI_V130 or -DRKLLM_EMU_ABI_V12X. The sizes and offsets are pinned with _Static_assert
  * below so a typo here cannot silently produce a library that differs from the real one.
@@ -273,7 +273,7 @@ RKLLM_API int rkllm_set_function_tools(LLMHandle handle, const char *system_prom
                                        const char *tool_response_str);
 RKLLM_API int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam *cross_attn_params);
 
-/* ---- layout pins (rkllm-runtime.md §0, §2.3, §3, §12; LP64) ---- */
+/* ---- layout pins (docs/runtime.md §0, §2.3, §3, §12; LP64) ---- */
 #if UINTPTR_MAX == 0xffffffffffffffffu
 _Static_assert(sizeof(RKLLMExtendParam) == 120, "RKLLMExtendParam is 120 bytes");
 _Static_assert(offsetof(RKLLMExtendParam, embed_flash) == 4, "ExtendParam.embed_flash @4");
@@ -347,7 +347,7 @@ _Static_assert(sizeof(RKLLMInferParam) == 32, "v1.2.x RKLLMInferParam is 32 byte
 _Static_assert(offsetof(RKLLMInferParam, keep_history) == 24, "v1.2.x InferParam.keep_history @24");
 #endif
 #else
-#error "the emulator pins the LP64 layouts (x86_64, aarch64); 32-bit layouts differ (rkllm-runtime.md §2)"
+#error "the emulator pins the LP64 layouts (x86_64, aarch64); 32-bit layouts differ (docs/runtime.md §2)"
 #endif /* LP64 */
 
 #ifdef __cplusplus

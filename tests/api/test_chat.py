@@ -300,7 +300,7 @@ async def test_tool_choice_named_calls_that_tool_and_finishes_with_stop(
     [call] = choice.message.tool_calls or []
     assert call.function.name == "get_time"
     assert isinstance(json.loads(call.function.arguments), dict)
-    # OpenAI parity (openai-api.md §2.4): a named tool choice finishes with "stop".
+    # OpenAI parity (docs/openai-api.md §2.4): a named tool choice finishes with "stop".
     assert choice.finish_reason == "stop"
 
 

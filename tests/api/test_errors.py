@@ -1,6 +1,6 @@
 """Errors users meet, each with its status code and an OpenAI-shaped body.
 
-400 validation (openai-api.md Appendix B), 401 with ban accounting, 429 on a full queue, 503 without a model,
+400 validation (docs/openai-api.md Appendix B), 401 with ban accounting, 429 on a full queue, 503 without a model,
 context overflow, errors after the stream started, and keep-alive pings.
 """
 
@@ -37,7 +37,7 @@ from .conftest import (
 USER_HELLO = [{"role": "user", "content": "Hello"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
 
-# (body, expected param) — every 400 of openai-api.md Appendix B and §1, on /v1/chat/completions.
+# (body, expected param) — every 400 of docs/openai-api.md Appendix B and §1, on /v1/chat/completions.
 CHAT_400_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"messages": USER_HELLO, "n": 2}, "n"),
     ({"messages": USER_HELLO, "logprobs": True}, "logprobs"),

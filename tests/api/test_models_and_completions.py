@@ -128,7 +128,8 @@ async def test_agent_model_is_not_a_legacy_completion_model(api: ApiServer) -> N
 
 
 # Home Assistant's own `llama_cpp` integration (2026.9+) validates a server this way before it creates an entry
-# (home-assistant.md §1.1): list the models, then one tiny chat completion carrying a dummy tool, plain and streamed.
+# (docs/home-assistant.md §1.1): list the models, then one tiny chat completion carrying a dummy tool, plain and
+# streamed.
 PROBE_MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},

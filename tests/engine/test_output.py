@@ -105,7 +105,7 @@ def check_call_discipline(events: list[Event]) -> None:
         assert isinstance(json.loads(end.arguments), dict)
 
 
-# --- the OpenAI conformance cases (openai-api.md Appendix B) ----------------------------------------------------
+# --- the OpenAI conformance cases (docs/openai-api.md Appendix B) ----------------------------------------------------
 
 
 def test_tool_call_after_text_one_char_at_a_time() -> None:

@@ -178,7 +178,7 @@ def test_real_assist_prompt_tools_and_tool_result_round_trip() -> None:
     assert set_tools.system_prompt == system.strip()
     assert json.loads(set_tools.tools_json) == tools
     assert first.turn.text == "Current time is 18:04.\n\nturn on the kitchen light"
-    # ≈ 2 k tokens at chars/3 for the ~8 kB of prompt and tools (home-assistant.md §2.7).
+    # ≈ 2 k tokens at chars/3 for the ~8 kB of prompt and tools (docs/home-assistant.md §2.7).
     assert 1500 < first.estimated_prompt_tokens < 3500
 
     call = ToolCall("01JV9", "HassTurnOn", json.dumps({"name": "Kitchen Light", "domain": ["light"]}))

@@ -1,4 +1,4 @@
-"""Struct layouts printed by `python -m rkllm_native.abi` equal the tables of rkllm-runtime.md §2-§3.
+"""Struct layouts printed by `python -m rkllm_native.abi` equal the tables of docs/runtime.md §2-§3.
 
 Every number below is typed in by hand from the document (sizes, offsets) and C's natural alignment, not
 computed from the ctypes classes, so a wrong field type or order in abi.py fails here.

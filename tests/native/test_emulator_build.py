@@ -1,7 +1,7 @@
 """The emulator libraries build in both ABI flavours and look like the real librkllmrt from the outside.
 
 Checked here: the exported symbol list, the embedded version marker, the struct layouts a C consumer of our
-rkllm.h sees (against rkllm-runtime.md §2-§3), that the layout pins really stop a wrong header from compiling,
+rkllm.h sees (against docs/runtime.md §2-§3), that the layout pins really stop a wrong header from compiling,
 that a bad model file fails rkllm_init with a line naming the file and line, and the build script's
 staleness, atomic-rename and missing-compiler behaviour.
 """
@@ -24,7 +24,7 @@ MARKERS = {
 }
 DEFINES = {"v12x": "-DRKLLM_EMU_ABI_V12X", "v130": "-DRKLLM_EMU_ABI_V130"}
 
-# rkllm-runtime.md §2.3 (v1.3.0) and §3 (v1.2.1-v1.2.3), LP64.
+# docs/runtime.md §2.3 (v1.3.0) and §3 (v1.2.1-v1.2.3), LP64.
 COMMON_LAYOUT = {
     "sizeof(RKLLMExtendParam)": 120,
     "offsetof(RKLLMExtendParam, n_batch)": 12,

@@ -1,4 +1,4 @@
-"""HACS and hassfest rules (home-assistant.md §4.2-4.4) that decide whether the integration installs and loads.
+"""HACS and hassfest rules (docs/home-assistant.md §4.2-4.4) that decide whether the integration installs and loads.
 
 hassfest and the HACS action run in CI on GitHub only; these tests check the same rules offline, so a
 manifest, translation or dependency mistake fails here first.

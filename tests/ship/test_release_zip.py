@@ -259,7 +259,7 @@ HASS_LAUNCHER = textwrap.dedent(
     from homeassistant import runner
 
     # What `hass --config DIR --skip-pip` runs, without its Python version gate (the 2026 line's CLI refuses
-    # Python 3.13.0, which its tests accept; toolchain.md).
+    # Python 3.13.0, which its tests accept; docs/toolchain.md).
     sys.exit(runner.run(runner.RuntimeConfig(config_dir=sys.argv[1], skip_pip=True, log_file=sys.argv[2])))
     """
 )

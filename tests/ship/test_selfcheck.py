@@ -17,7 +17,7 @@ from rkllm_native.selfcheck import RunMeasurement, SlotInstance, SlotRun
 from tests.conftest import REPO_ROOT
 
 SPEED = 10.0
-# Emulator calibration qwen2-0.5b-rk3588 = the official RK3588 figures of Qwen2 0.5B (rkllm-runtime.md §10.1).
+# Emulator calibration qwen2-0.5b-rk3588 = the official RK3588 figures of Qwen2 0.5B (docs/runtime.md §10.1).
 QWEN2_DECODE = 41.58
 QWEN2_PREFILL = 877.0
 QWEN2_LOAD_MS = 2000.0
