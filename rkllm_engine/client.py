@@ -1,8 +1,9 @@
 """Async client of the rkllm worker process: spawn or connect, stream runs, and restart the worker when it dies.
 
 The runtime lives in its own process so a native crash cannot take Home Assistant down
-(docs/architecture.md decision 2); this module is the only place that knows that process exists. It turns a dead worker into a typed error for the
-run in flight, restarts it with backoff, and kills it when an abort is not honoured in time.
+(docs/architecture.md decision 2); this module is the only place that knows that process exists. It turns a dead
+worker into a typed error for the run in flight, restarts it with backoff, and kills it when an abort is not
+honoured in time.
 """
 
 from __future__ import annotations
