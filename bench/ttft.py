@@ -8,7 +8,7 @@ Run from the repository root with the project venv (no installation needed: the 
 Setup: the demo model `rkllm_native/emulator/models/qwen2.5-1.5b-assist.model` (calibration
 qwen2.5-1.5b-rk3588: prefill 338 tok/s, decode 16.69 tok/s, docs/runtime.md §10.1) on both emulator ABIs.
 The request is Home Assistant 2026.2.3's real Assist prompt (system = default_instructions + api_prompt,
-tools = the Assist tools, from /work/shared/data/assist/assist_dump_2026.2.3.json) with the voice command
+tools = the Assist tools, from tests/fixtures/assist/assist_dump_2026.2.3.json) with the voice command
 "turn on the kitchen light".
 
 - cold: a fresh engine (new worker, model loaded, empty KV cache): the whole prompt is prefilled;
@@ -48,7 +48,7 @@ from rkllm_engine.engine import Engine, EngineConfig  # noqa: E402
 from rkllm_engine.types import ChatMessage, ChatRequest, Finished, Priority, ToolCallStart  # noqa: E402
 from rkllm_native.build import emulator_library  # noqa: E402
 
-ASSIST_DUMP = Path("/work/shared/data/assist/assist_dump_2026.2.3.json")
+ASSIST_DUMP = REPO_ROOT / "tests/fixtures/assist/assist_dump_2026.2.3.json"
 MODEL = REPO_ROOT / "rkllm_native/emulator/models/qwen2.5-1.5b-assist.model"
 CALIBRATION = "qwen2.5-1.5b-rk3588"
 COMMAND = "turn on the kitchen light"

@@ -38,8 +38,9 @@ from rkllm_engine.types import (
 )
 from rkllm_native.build import emulator_library
 
-ASSIST_DUMP = Path("/work/shared/data/assist/assist_dump_2026.2.3.json")
-TOOL_RESULTS = Path("/work/shared/data/assist/tool_results_2026.2.3.json")
+ASSIST_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "assist"
+ASSIST_DUMP = ASSIST_DATA / "assist_dump_2026.2.3.json"
+TOOL_RESULTS = ASSIST_DATA / "tool_results_2026.2.3.json"
 LONG_ANSWER = " ".join(f"alpha{i}" for i in range(400))
 SECOND_ANSWER = "Beta reply."
 

@@ -34,7 +34,7 @@ from rkllm_engine.types import (
     ToolCall,
 )
 
-ASSIST_DATA = Path("/work/shared/data/assist")
+ASSIST_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "assist"
 SYSTEM = "You are a voice assistant for Home Assistant."
 TOOLS: list[dict[str, Any]] = [
     {

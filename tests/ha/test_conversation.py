@@ -44,7 +44,7 @@ from tests.ha.conftest import ASSIST_MODEL, KITCHEN_LIGHT, REPO_ROOT, conversati
 
 AGENT = "conversation.assist_on_npu"
 DEMO_MODEL = REPO_ROOT / "rkllm_native" / "emulator" / "models" / "qwen2.5-1.5b-assist.model"
-ASSIST_DATA = Path("/work/shared/data/assist")
+ASSIST_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "assist"
 
 
 def run_lines(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -735,7 +735,7 @@ def test_handles_are_independent_and_run_in_parallel(
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "rkllm_native" / "emulator" / "models"
 # The engine sends tool results as one compact JSON array of {"name", "content"} (rkllm_engine/prompting.py);
-# the contents are Home Assistant's real results (shared data/assist/tool_results_*.json).
+# the contents are Home Assistant's real results (tests/fixtures/assist/tool_results_*.json).
 TURN_ON_CONTENT = {
     "speech": {},
     "response_type": "action_done",
