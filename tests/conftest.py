@@ -2,7 +2,8 @@
 
 HA fixtures live in tests/ha/conftest.py and tests/api/conftest.py so engine and native tests stay importable
 without touching HA. Note that pytest-homeassistant-custom-component's autouse fixtures still apply to every
-test (socket blocking, leftover thread/task/timer checks, asyncio debug mode): see README "Development".
+test (socket blocking, leftover thread/task/timer checks, asyncio debug mode): see CONTRIBUTING.md
+"Test-suite rules".
 """
 
 import os

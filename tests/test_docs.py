@@ -255,3 +255,27 @@ def test_docs_index_lists_every_page(repository: Repository) -> None:
     )
     unlisted = [name for name in pages if f"({name})" not in index]
     assert not unlisted, f"docs/README.md does not link to: {', '.join(unlisted)}"
+
+
+# An absolute path of the machine a file was written on: its work tree, root's or a user's home, or a temporary
+# directory with a random name (tempfile's "tmp…", pytest's "pytest-of-…"). A path a user types on a board
+# (under /opt/rkllm, /etc/rkllm, /usr/lib, /dev, /sys) is an example, not a leftover, and is not matched; neither is a
+# placeholder such as "/home/<user>" or "~/rkllm", nor a path inside a web address (removed before the scan).
+FOREIGN_PATH = re.compile(
+    r"(?<![\w.~/\-$])/(?:(?:work|root|home)/[\w.\-]+|tmp/(?:tmp[\w\-]{4,}|pytest-of-[\w\-]+))",
+)
+
+
+def test_no_tracked_file_names_a_path_of_the_machine_it_was_written_on(repository: Repository) -> None:
+    """Pasted outputs and fixtures must work on a fresh clone: a reader has neither this machine's paths nor its files.
+
+    A document or test that names one either shows a reader a path that means nothing to them or reads a file only
+    that machine has; the repository's own files are named relative to its root, examples with neutral paths
+    (`~/rkllm/...`, `/path/to/...`).
+    """
+    found = [
+        f"{name}: {match[0]}"
+        for name, text in sorted(repository.texts.items())
+        for match in FOREIGN_PATH.finditer(text)
+    ]
+    assert not found, "absolute paths of a particular machine in tracked files:\n" + "\n".join(found)

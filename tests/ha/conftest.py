@@ -264,7 +264,7 @@ def remote_worker(tmp_path: Path, socket_enabled: None) -> Iterator[RemoteWorker
 
 @pytest.fixture(scope="session")
 def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate and key, made with the openssl command the README gives."""
+    """A throwaway self-signed certificate and key, made with the openssl command docs/remote-worker.md gives."""
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "worker.crt", folder / "worker.key"
     openssl = shutil.which("openssl") or "/usr/bin/openssl"
