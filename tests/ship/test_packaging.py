@@ -178,8 +178,7 @@ def test_native_package_parses_on_the_boards_python() -> None:
 
 @pytest.fixture
 def opt_rkllm(tmp_path: Path) -> Path:
-    """/opt/rkllm as docs/remote-worker.md installs it on a board: only the rkllm_native sources, emulator built
-    there."""
+    """/opt/rkllm as docs/remote-worker.md installs it: only the rkllm_native sources, emulator built there."""
     opt = tmp_path / "opt" / "rkllm"
     shutil.copytree(
         REPO_ROOT / "rkllm_native",
