@@ -26,8 +26,7 @@ from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import slugify
 from homeassistant.util.hass_dict import HassKey
 
-from rkllm_engine.client import start_error_from_binding
-from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
+from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation, start_error
 from rkllm_engine.types import EngineError, EngineUnavailableError, RuntimeIncompatibleError
 from rkllm_native import catalog as fetch_catalog
 from rkllm_native import detect
@@ -142,7 +141,7 @@ async def _async_check_local_files(hass: HomeAssistant, entry: ConfigEntry, conf
     try:
         await hass.async_add_executor_job(detect.check_library, config.library_path, config.profile)
     except RkllmError as err:
-        await _async_raise_start_failure(hass, entry, start_error_from_binding(err))
+        await _async_raise_start_failure(hass, entry, start_error(err))
     if (problem := await hass.async_add_executor_job(model_file_problem, config.model_path)) is not None:
         message = f"model file {config.model_path}: {problem[1]}"
         raise ConfigEntryError(

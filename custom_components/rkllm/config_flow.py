@@ -487,7 +487,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
 
     async def _async_probe_remote(self, data: Mapping[str, Any]) -> tuple[dict[str, str], str]:
         """Probe the remote worker; map a failure's `reason` onto the remote form's fields."""
-        from rkllm_engine.client import WorkerClient
+        from rkllm_engine.engine import probe_worker
         from rkllm_engine.types import EngineUnavailableError, RuntimeIncompatibleError
 
         from . import engine_config_from_entry
@@ -497,7 +497,7 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
             return {}, ""
         location = engine_config_from_entry(data).worker
         try:
-            await WorkerClient.probe(
+            await probe_worker(
                 location,
                 timeout_s=REMOTE_PROBE_TIMEOUT_S,
                 library_path=data[CONF_LIBRARY_PATH],
