@@ -229,3 +229,16 @@ def version_tuple(version: str) -> tuple[int, ...]:
             break
         parts.append(int(digits.group()))
     return tuple(parts)
+
+
+# Runtime lines that print prompt text after a key: `I rkllm: system_prompt: …`, `prompt_prefix: …`,
+# `prompt_postfix: …` (rkllm-runtime.md Appendix A), and tool definitions if a runtime echoes them.
+_PROMPT_ECHO = re.compile(r"^(?P<head>.*?\b(?:system_prompt|prompt_prefix|prompt_postfix|tools?)\s*:)\s*\S.*$")
+
+
+def redact_prompt_echo(line: str, replacement: str) -> str:
+    """The line with the prompt text it echoes replaced (for diagnostics); other lines unchanged."""
+    match = _PROMPT_ECHO.match(line)
+    if match is None:
+        return line
+    return f"{match['head']} {replacement}"

@@ -599,3 +599,19 @@ async def test_agent_with_the_assist_api_keeps_it_as_a_list(hass: HomeAssistant,
     state = hass.states.get("conversation.house_keeper")
     assert state is not None
     assert state.attributes.get("supported_features")
+
+
+def test_without_the_development_hook_the_emulator_is_neither_suggested_nor_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A real installation (no RKLLM_DEVELOP) knows nothing of the emulator: its model files are not models."""
+    monkeypatch.delenv("RKLLM_DEVELOP", raising=False)
+    monkeypatch.setattr(config_flow, "LIBRARY_CANDIDATES", (str(tmp_path / "absent.so"),))
+    assert development_library() is None
+    assert config_flow.suggest_library_path() == str(tmp_path / "absent.so")
+    model = tmp_path / "assist.model"
+    model.write_text(ASSIST_MODEL)
+    not_a_model = ("not_rkllm_model", "not a .rkllm file (convert the model with rkllm-toolkit)")
+    assert model_file_problem(str(model)) == not_a_model
+    monkeypatch.setenv("RKLLM_DEVELOP", "1")
+    assert model_file_problem(str(model)) is None
