@@ -166,8 +166,8 @@ def last_problem_line(lines: Iterable[str], levels: str = "EW", *, crash_reports
     return last_error or last_warning
 
 
-# The repairs' view of one init (formats of rkllm-runtime.md Appendix A). [Inf] The version line opens every
-# rkllm_init (rkllm-runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded now
+# The repairs' view of one init (formats of docs/runtime.md Appendix A). [Inf] The version line opens every
+# rkllm_init (docs/runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded now
 # (or that just failed to load).
 _INIT_VERSION_LINE = re.compile(
     r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
@@ -232,7 +232,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 # Runtime lines that print prompt text after a key: `I rkllm: system_prompt: …`, `prompt_prefix: …`,
-# `prompt_postfix: …` (rkllm-runtime.md Appendix A), and tool definitions if a runtime echoes them.
+# `prompt_postfix: …` (docs/runtime.md Appendix A), and tool definitions if a runtime echoes them.
 _PROMPT_ECHO = re.compile(r"^(?P<head>.*?\b(?:system_prompt|prompt_prefix|prompt_postfix|tools?)\s*:)\s*\S.*$")
 
 
