@@ -40,9 +40,20 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from rkllm_native import logparse
+from rkllm_native.errors import RkllmError
 from rkllm_native.soc import local_soc
 
-from .client import InitSpec, RunFinished, RunStream, RuntimeInfo, TextPiece, WorkerClient, WorkerLocation, WorkerState
+from .client import (
+    InitSpec,
+    RunFinished,
+    RunStream,
+    RuntimeInfo,
+    TextPiece,
+    WorkerClient,
+    WorkerLocation,
+    WorkerState,
+    start_error_from_binding,
+)
 from .output import OutputParser, ParseResult
 from .prompting import ClearKV, PromptPlan, PromptPlanner, SetChatTemplate, SetFunctionTools, template_family
 from .scheduler import Scheduler, Ticket
@@ -65,7 +76,16 @@ from .types import (
 )
 from .watchdog import DEFAULT_FACTOR, DEFAULT_MIN_S, ProgressWatchdog, SilenceBound
 
-__all__ = ["Engine", "EngineConfig", "Generation", "WorkerLocation", "default_cpu_mask", "runtime_params"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "Generation",
+    "WorkerLocation",
+    "default_cpu_mask",
+    "probe_worker",
+    "runtime_params",
+    "start_error",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -237,6 +257,31 @@ def _tool_names(tools_json: str) -> tuple[str, ...]:
             if isinstance(name, str):
                 names.append(name)
     return tuple(names)
+
+
+def start_error(err: RkllmError) -> EngineError:
+    """The typed error (RuntimeIncompatibleError/EngineUnavailableError with its `reason`) for a binding error.
+
+    Home Assistant checks local files in its own process before spawning a worker; this gives those failures the
+    same type and `reason` as the worker's failed `init` reply, so one mapping serves both.
+    """
+    return start_error_from_binding(err)
+
+
+async def probe_worker(
+    location: WorkerLocation,
+    timeout_s: float = 10.0,
+    *,
+    library_path: str | None = None,
+    model_path: str | None = None,
+) -> None:
+    """Check a remote worker without loading anything (connect, TLS pin, mutual handshake, hello, allow-list).
+
+    For the config flow, before an entry exists. Raises EngineUnavailableError (worker_unreachable,
+    secret_refused, worker_unverified, fingerprint_mismatch, tls_mismatch, worker_busy) or
+    RuntimeIncompatibleError (protocol_mismatch, path_not_allowed).
+    """
+    await WorkerClient.probe(location, timeout_s, library_path=library_path, model_path=model_path)
 
 
 @dataclass(frozen=True, slots=True)

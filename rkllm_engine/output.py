@@ -546,3 +546,16 @@ class OutputParser:
         if self._max_tool_calls is not None and len(self._tool_calls) >= self._max_tool_calls:
             self._calls_closed = True
             self._after_call_text = ""
+
+
+_CODE_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)\n?```\s*$", re.DOTALL)
+
+
+def strip_code_fence(text: str) -> str:
+    """The body of a ```json … ``` fence, or the text unchanged: small models fence JSON even when told not to.
+
+    The one rule for a whole answer (AI-task structured output, OpenAI `response_format`); the OpenAI stream's
+    `JsonFenceFilter` applies the same rule piece by piece while the answer streams.
+    """
+    match = _CODE_FENCE.match(text)
+    return match.group(1) if match else text

@@ -146,3 +146,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# What a development machine without an NPU offers instead of a real runtime and model. Production code reaches this
+# only through the integration's development hook (custom_components/rkllm/develop.py, RKLLM_DEVELOP=1).
+EMULATOR_MODEL_HEADER: Final = "rkllm-emulator-model 1"
+DEMO_MODEL: Final = EMULATOR_DIR / "models" / "qwen2.5-1.5b-assist.model"
+_MODEL_HEADER_PROBE_BYTES: Final = 4096
+
+
+def built_library(profile: Profile = "v12x") -> Path | None:
+    """The emulator library of `profile` if it is built (never builds: for suggestions), else None."""
+    path = library_path(profile)
+    return path if path.is_file() else None
+
+
+def demo_model() -> Path | None:
+    """The emulator's Assist demo model, if present."""
+    return DEMO_MODEL if DEMO_MODEL.is_file() else None
+
+
+def is_emulator_model(path: str | Path) -> bool:
+    """True when the file's first non-comment line is the emulator's model header (emulator/MODEL_FORMAT.md)."""
+    try:
+        with Path(path).open("rb") as stream:
+            head = stream.read(_MODEL_HEADER_PROBE_BYTES)
+    except OSError:
+        return False
+    for line in head.decode("utf-8", "replace").splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            return stripped == EMULATOR_MODEL_HEADER
+    return False

@@ -164,3 +164,81 @@ def last_problem_line(lines: Iterable[str], levels: str = "EW", *, crash_reports
         else:
             last_warning = parsed.text
     return last_error or last_warning
+
+
+# The repairs' view of one init (formats of docs/runtime.md Appendix A). [Inf] The version line opens every
+# rkllm_init (docs/runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded now
+# (or that just failed to load).
+_INIT_VERSION_LINE = re.compile(
+    r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
+    r"(?:\s*,\s*platform:\s*(?P<platform>\S+))?"
+)
+_DRIVER_TOO_LOW_LINE = re.compile(
+    r"^\s*W\s+rkllm:.*rknpu driver version is too low, please upgrade to\s*(?P<required>[^\s,]+?)\.?\s*$",
+    re.IGNORECASE,
+)
+_PLATFORM_MISMATCH_LINE = re.compile(r"^\s*E\s+rkllm:.*target_platform does not match the real platform", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class InitFindings:
+    """What the latest init's lines say about the driver and the platform (for repair issues)."""
+
+    driver_version: str | None = None
+    platform: str | None = None
+    required_driver_version: str | None = None  # from "rknpu driver version is too low, please upgrade to X"
+    platform_mismatch: str | None = None  # the runtime's mismatch line, shown to the user
+
+
+def latest_init_findings(lines: Iterable[str]) -> InitFindings | None:
+    """Findings of the lines since the last init began; None when the lines no longer hold that init.
+
+    Only the latest `rkllm_init` counts, so an old warning from before a driver upgrade cannot keep an issue
+    alive. Some failures print before (or instead of) the version line: a mismatch anywhere still counts.
+    """
+    ring = list(lines)
+    start: int | None = None
+    for index in range(len(ring) - 1, -1, -1):
+        if _INIT_VERSION_LINE.match(ring[index]):
+            start = index
+            break
+    if start is None:
+        if not any(_PLATFORM_MISMATCH_LINE.match(line) for line in ring):
+            return None
+        start = 0
+    driver_version: str | None = None
+    platform: str | None = None
+    required: str | None = None
+    mismatch: str | None = None
+    for line in ring[start:]:  # the last of each wins
+        if (version := _INIT_VERSION_LINE.match(line)) is not None:
+            driver_version, platform = version["driver"], version["platform"]
+        elif (warning := _DRIVER_TOO_LOW_LINE.match(line)) is not None:
+            required = warning["required"]
+        elif _PLATFORM_MISMATCH_LINE.match(line):
+            mismatch = line.strip()
+    return InitFindings(driver_version, platform, required, mismatch)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """`0.9.8` → (0, 9, 8); letters end a part (`1.2.1b1` → (1, 2, 1)), so odd strings still compare."""
+    parts: list[int] = []
+    for part in version.strip().lstrip("vV").split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+# Runtime lines that print prompt text after a key: `I rkllm: system_prompt: …`, `prompt_prefix: …`,
+# `prompt_postfix: …` (docs/runtime.md Appendix A), and tool definitions if a runtime echoes them.
+_PROMPT_ECHO = re.compile(r"^(?P<head>.*?\b(?:system_prompt|prompt_prefix|prompt_postfix|tools?)\s*:)\s*\S.*$")
+
+
+def redact_prompt_echo(line: str, replacement: str) -> str:
+    """The line with the prompt text it echoes replaced (for diagnostics); other lines unchanged."""
+    match = _PROMPT_ECHO.match(line)
+    if match is None:
+        return line
+    return f"{match['head']} {replacement}"

@@ -1,4 +1,4 @@
-"""Build the release zips: the integration with `rkllm_native` and `rkllm_engine` vendored inside it.
+"""Build the release zips: the integration with `rkllm_native`, `rkllm_engine` and `rkllm_openai` vendored in it.
 
 Neither package is on PyPI, so a Home Assistant install gets them from the zip, under
 `custom_components/rkllm/vendor/` (the integration's `vendor` module puts that directory on sys.path).
@@ -31,7 +31,7 @@ from typing import Final
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 INTEGRATION: Final = Path("custom_components/rkllm")
 VENDOR: Final = INTEGRATION / "vendor"
-VENDORED_PACKAGES: Final = ("rkllm_native", "rkllm_engine")
+VENDORED_PACKAGES: Final = ("rkllm_native", "rkllm_engine", "rkllm_openai")
 HACS_ZIP_NAME: Final = "rkllm.zip"
 # Only these kinds of files ship; anything else under a packaged directory is an error, not a silent extra.
 SHIPPED_SUFFIXES: Final = frozenset({".py", ".json", ".c", ".h", ".md", ".model", ".png", ".yaml", ".typed"})

@@ -39,6 +39,21 @@ def private_emulated_npu() -> Iterator[str]:
     Path(f"/dev/shm/rkllm-emu-npu1-{os.getuid()}-{name}").unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def development_machine() -> Iterator[None]:
+    """RKLLM_DEVELOP=1: the config flow suggests and accepts the emulator (custom_components/rkllm/develop.py).
+
+    Every Home Assistant test here runs the emulator, as scripts/develop does; a real installation leaves it unset.
+    """
+    previous = os.environ.get("RKLLM_DEVELOP")
+    os.environ["RKLLM_DEVELOP"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("RKLLM_DEVELOP", None)
+    else:
+        os.environ["RKLLM_DEVELOP"] = previous
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """RKLLM_BARE_INSTALL=0 deselects the bare-install test: scripts/test runs it with one line only, not each."""
     if os.environ.get("RKLLM_BARE_INSTALL") != "0":

@@ -13,9 +13,8 @@ from . import vendor  # noqa: F401
 # isort: split
 
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP
@@ -23,40 +22,20 @@ from homeassistant.core import Event, HomeAssistant
 from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.typing import ConfigType
-from homeassistant.util import slugify
-from homeassistant.util.hass_dict import HassKey
 
-from rkllm_engine.client import start_error_from_binding
-from rkllm_engine.engine import Engine, EngineConfig, WorkerLocation
+from rkllm_engine.engine import Engine, EngineConfig, start_error
 from rkllm_engine.types import EngineError, EngineUnavailableError, RuntimeIncompatibleError
 from rkllm_native import catalog as fetch_catalog
 from rkllm_native import detect
 from rkllm_native.errors import NotRkllmLibraryError, RkllmError
 
 from .compat import entry_platforms
-from .config_flow import model_file_problem
 from .const import (
-    ABI_PROFILE_AUTO,
-    CONF_ABI_PROFILE,
-    CONF_CONTEXT_LENGTH,
-    CONF_CPU_CORES,
     CONF_LIBRARY_PATH,
     CONF_MODEL_PATH,
     CONF_MODEL_SOURCE,
-    CONF_NPU_DOMAIN_ID,
     CONF_PLATFORM,
-    CONF_SLOTS,
-    CONF_WATCHDOG_S,
     CONF_WORKER,
-    CONF_WORKER_ENV,
-    CONF_WORKER_HOST,
-    CONF_WORKER_PORT,
-    CONF_WORKER_SECRET,
-    CONF_WORKER_TLS_FINGERPRINT,
-    DEFAULT_CONTEXT_LENGTH,
-    DEFAULT_CPU_CORES,
-    DEFAULT_NPU_DOMAIN_ID,
-    DEFAULT_WATCHDOG_S,
     DOMAIN,
     ENGINE_START_TIMEOUT_S,
     ISSUE_LIBRARY_MISSING,
@@ -66,15 +45,14 @@ from .const import (
     ISSUE_MODEL_TOOLKIT_NEWER,
     ISSUE_PATH_NOT_ALLOWED,
     LOGGER,
-    SLOTS_AUTO,
     WORKER_REMOTE,
 )
 from .data import RkllmConfigEntry, RkllmRuntimeData
+from .entry_settings import engine_config_from_entry, model_file_problem, model_id_for
 from .http import async_register_views
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
-DATA_ENGINE_SETTINGS: HassKey[dict[str, dict[str, Any]]] = HassKey(f"{DOMAIN}_engine_settings")
 REMOTE_BUSY_RETRIES = 5
 REMOTE_BUSY_RETRY_DELAY_S = 0.2
 # A remote worker that fails one of these checks cannot be retried into working: only the user knows the right
@@ -93,41 +71,6 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     return True
 
 
-def engine_config_from_entry(data: Mapping[str, Any]) -> EngineConfig:
-    """Translate the entry's stored settings into the engine's configuration."""
-    profile = data.get(CONF_ABI_PROFILE, ABI_PROFILE_AUTO)
-    worker = WorkerLocation()
-    if data.get(CONF_WORKER) == WORKER_REMOTE:
-        worker = WorkerLocation(
-            host=data[CONF_WORKER_HOST],
-            port=int(data[CONF_WORKER_PORT]),
-            secret=data[CONF_WORKER_SECRET],
-            tls_fingerprint=data.get(CONF_WORKER_TLS_FINGERPRINT) or None,
-        )
-    context_length = int(data.get(CONF_CONTEXT_LENGTH, DEFAULT_CONTEXT_LENGTH))
-    platform = str(data.get(CONF_PLATFORM) or "").upper() or None
-    return EngineConfig(
-        library_path=data[CONF_LIBRARY_PATH],
-        model_path=data[CONF_MODEL_PATH],
-        profile=None if profile == ABI_PROFILE_AUTO else profile,
-        context_length=context_length,
-        # The runtime-wide cap (the only one on 1.2.x); each agent asks for its own smaller budget per request.
-        max_new_tokens=max(1, context_length // 2),
-        cpu_cores=int(data.get(CONF_CPU_CORES, DEFAULT_CPU_CORES)),
-        npu_domain_id=int(data.get(CONF_NPU_DOMAIN_ID, DEFAULT_NPU_DOMAIN_ID)),
-        platform=platform,
-        worker=worker,
-        env={str(key): str(value) for key, value in dict(data.get(CONF_WORKER_ENV) or {}).items()},
-        watchdog_min_s=float(data.get(CONF_WATCHDOG_S, DEFAULT_WATCHDOG_S)),
-        slots=None if str(data.get(CONF_SLOTS, SLOTS_AUTO)) == SLOTS_AUTO else int(data[CONF_SLOTS]),
-    )
-
-
-def model_id_for(model_path: str) -> str:
-    """The model id clients see in /v1/models: the slug of the model file's stem."""
-    return slugify(Path(model_path).stem, separator="-") or "rkllm"
-
-
 async def _async_raise_setup_issue(
     hass: HomeAssistant, entry: ConfigEntry, key: str, placeholders: dict[str, str]
 ) -> None:
@@ -142,7 +85,7 @@ async def _async_check_local_files(hass: HomeAssistant, entry: ConfigEntry, conf
     try:
         await hass.async_add_executor_job(detect.check_library, config.library_path, config.profile)
     except RkllmError as err:
-        await _async_raise_start_failure(hass, entry, start_error_from_binding(err))
+        await _async_raise_start_failure(hass, entry, start_error(err))
     if (problem := await hass.async_add_executor_job(model_file_problem, config.model_path)) is not None:
         message = f"model file {config.model_path}: {problem[1]}"
         raise ConfigEntryError(
@@ -326,8 +269,8 @@ async def async_setup_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> boo
         abi_profile=metrics.abi_profile,
         toolkit_version=metrics.toolkit_version,
         model_source=entry.data.get(CONF_MODEL_SOURCE),
+        engine_settings=dict(entry.data),
     )
-    _engine_data_by_entry(hass)[entry.entry_id] = dict(entry.data)
 
     from .repairs import async_clear_setup_issues, async_track_issues
 
@@ -372,7 +315,6 @@ async def async_unload_entry(hass: HomeAssistant, entry: RkllmConfigEntry) -> bo
     failed to unload: a worker holding NPU memory must never outlive its entry.
     """
     unloaded = await hass.config_entries.async_unload_platforms(entry, entry_platforms())
-    _engine_data_by_entry(hass).pop(entry.entry_id, None)
     await entry.runtime_data.engine.stop()
     return unloaded
 
@@ -384,18 +326,13 @@ async def async_remove_entry(hass: HomeAssistant, entry: ConfigEntry) -> None:
     async_delete_entry_issues(hass, entry.entry_id)
 
 
-def _engine_data_by_entry(hass: HomeAssistant) -> dict[str, dict[str, Any]]:
-    """The entry data each running engine was started with, to tell engine changes from agent changes."""
-    return hass.data.setdefault(DATA_ENGINE_SETTINGS, {})
-
-
 async def _async_entry_updated(hass: HomeAssistant, entry: RkllmConfigEntry) -> None:
     """Apply a change: a runtime/model change restarts the engine; an agent change only reloads the platforms.
 
     Loading a model takes seconds on a board and drops the resident prompt prefix, so adding or editing a
     conversation agent (a subentry) must not restart it.
     """
-    if _engine_data_by_entry(hass).get(entry.entry_id) != dict(entry.data):
+    if entry.runtime_data.engine_settings != dict(entry.data):
         await hass.config_entries.async_reload(entry.entry_id)
         return
     platforms = entry_platforms()

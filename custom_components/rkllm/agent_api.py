@@ -31,7 +31,7 @@ from rkllm_engine.types import ChatMessage, Priority, Usage
 
 from .compat import build_conversation_input, tool_result_content
 from .const import AGENT_MODEL_PREFIX, DOMAIN, LOGGER
-from .conversation import DATA_AGENTS, RkllmConversationEntity
+from .conversation import RkllmConversationEntity
 
 
 class AgentRequestError(HomeAssistantError):
@@ -76,7 +76,15 @@ class AgentResult:
 
 
 def _loaded_agents(hass: HomeAssistant) -> dict[str, RkllmConversationEntity]:
-    return hass.data.get(DATA_AGENTS, {})
+    """The conversation agents of every loaded entry (each entry's runtime data holds its own)."""
+    agents: dict[str, RkllmConversationEntity] = {}
+    for entry in hass.config_entries.async_loaded_entries(DOMAIN):
+        agents.update(
+            (entity_id, agent)
+            for entity_id, agent in entry.runtime_data.agents.items()
+            if isinstance(agent, RkllmConversationEntity)
+        )
+    return agents
 
 
 def agent_models(hass: HomeAssistant) -> list[AgentModel]:

@@ -19,7 +19,8 @@ from rkllm_engine.types import Priority
 
 from .const import DOMAIN, SUBENTRY_AI_TASK
 from .data import RkllmConfigEntry
-from .entity import AgentSettings, RkllmBaseLLMEntity, structured_output, validate_structured_answer
+from .entity import AgentSettings, RkllmBaseLLMEntity
+from .structured import structured_output, validate_structured_answer
 
 PARALLEL_UPDATES = 0
 

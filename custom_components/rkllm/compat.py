@@ -311,3 +311,8 @@ def report_flow_progress(flow: object, fraction: float) -> bool:
         return False
     update(min(1.0, max(0.0, fraction)))
     return True
+
+
+# 2026.10 made `str(MatchFailedError)` a sentence (and moved the dump of its fields to `repr`); before, the text a
+# tool result carries is that dump, so the model reads our sentence built from the error's fields instead.
+MATCH_FAILURE_TEXT_IS_SENTENCE: Final = "__repr__" in vars(intent.MatchFailedError)

@@ -1,11 +1,11 @@
 """Config flow: one entry per runtime + model, subentries per conversation agent / AI task.
 
 Local setups are validated without loading anything: the library through `rkllm_native.detect` (file, ELF,
-rkllm marker, supported version, profile override) and the model file by a cheap check (see
-`model_file_problem`). A remote worker is probed (connect, TLS with the pinned fingerprint when one is given, the
-mutual proof of the secret, hello, and whether its allow-list serves the library and model; `WorkerClient.probe`)
-without loading anything: the files themselves are checked by the setup that follows, which raises a repair issue
-for a permanent problem there.
+rkllm marker, supported version, profile override) and the model file by a cheap check
+(`entry_settings.model_file_problem`). A remote worker is probed (connect, TLS with the pinned fingerprint when
+one is given, the mutual proof of the secret, hello, and whether its allow-list serves the library and model;
+`rkllm_engine.engine.probe_worker`) without loading anything: the files themselves are checked by the setup that
+follows, which raises a repair issue for a permanent problem there.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ from .const import (
     WORKER_LOCAL,
     WORKER_REMOTE,
 )
+from .develop import development_library, development_model
 from .download_flow import DownloadConfigFlow
+from .entry_settings import engine_config_from_entry, model_file_problem
 
 # The usual places librkllmrt.so is installed to (Rockchip's install script, distro packages, Armbian/Ubuntu
 # Rockchip images, rkllama-style /opt layouts); the first that exists is suggested.
@@ -120,11 +122,6 @@ LIBRARY_CANDIDATES: Final = (
 )
 MODEL_DIRECTORIES: Final = ("/opt/rkllm/models", "/usr/share/rkllm/models", "/opt/rkllm")
 DEVICE_TREE_COMPATIBLE: Final = soc_detect.DEVICE_TREE_COMPATIBLE
-EMULATOR_MODEL_HEADER: Final = "rkllm-emulator-model 1"
-# The smallest published RKLLM models (Qwen2 0.5B w8a8) are about 0.5 GB. A ".rkllm" file under 16 MiB is a
-# placeholder, an HTML error page saved under the model's name, or a truncated download - never a model.
-MIN_RKLLM_MODEL_BYTES: Final = 16 * 1024 * 1024
-_HEADER_PROBE_BYTES: Final = 4096
 
 # Errors of `detect.check_library` that have their own translated form error (their `code`).
 _LIBRARY_ERROR_KEYS: Final = frozenset(
@@ -155,28 +152,19 @@ _REMOTE_ERROR_KEYS: Final = {
 REMOTE_PROBE_TIMEOUT_S: Final = 10.0
 
 
-def emulator_library_path() -> Path | None:
-    """The built emulator library (a dev machine without an NPU), or None when it is not built."""
-    candidate = Path(detect.__file__).parent / "emulator" / "build" / "librkllmrt-emu-v12x.so"
-    return candidate if candidate.is_file() else None
-
-
 def suggest_library_path() -> str:
-    """First installed librkllmrt.so, else the built emulator, else the most common install path."""
+    """First installed librkllmrt.so, else (development machine) the built emulator, else the usual install path."""
     for candidate in LIBRARY_CANDIDATES:
         if Path(candidate).is_file():
             return candidate
-    emulator = emulator_library_path()
-    return str(emulator) if emulator is not None else LIBRARY_CANDIDATES[0]
+    development = development_library()
+    return str(development) if development is not None else LIBRARY_CANDIDATES[0]
 
 
 def suggest_model_path(library_path: str) -> str:
-    """A model next to the usual locations; with the emulator library, the emulator's demo model."""
-    emulator = emulator_library_path()
-    if emulator is not None and Path(library_path) == emulator:
-        demo = emulator.parent.parent / "models" / "qwen2.5-1.5b-assist.model"
-        if demo.is_file():
-            return str(demo)
+    """A model in the usual locations; with a development library, its demo model (develop.py)."""
+    if (demo := development_model(library_path)) is not None:
+        return str(demo)
     for directory in MODEL_DIRECTORIES:
         folder = Path(directory)
         if folder.is_dir():
@@ -190,37 +178,6 @@ def detect_platform(compatible_path: str = DEVICE_TREE_COMPATIBLE) -> str | None
     """The supported SoC from the device tree's `compatible` list (e.g. `rockchip,rk3588s` → rk3588), else None."""
     found = soc_detect.local_soc(compatible_path)
     return found if found in PLATFORMS_SUPPORTED else None
-
-
-def model_file_problem(path: str) -> tuple[str, str] | None:
-    """(form error key, one-line reason) when `path` cannot be an RKLLM model, else None. Blocking I/O.
-
-    [Inf] A real model has no documented magic number we could check without the runtime (the runtime's own
-    check prints "invalid rknn llm model magic", docs/runtime.md §7), so the check is: a
-    readable regular file with the `.rkllm` extension and at least MIN_RKLLM_MODEL_BYTES. An emulator model is
-    recognised by its first non-comment line, `rkllm-emulator-model 1` (rkllm_native/emulator/MODEL_FORMAT.md).
-    """
-    model = Path(path)
-    if not path or not model.is_file():
-        return "model_not_found", "no such file"
-    try:
-        with model.open("rb") as stream:
-            head = stream.read(_HEADER_PROBE_BYTES)
-        size = model.stat().st_size
-    except OSError as err:
-        return "model_not_found", f"not readable: {err.strerror or err}"
-    for line in head.decode("utf-8", "replace").splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped == EMULATOR_MODEL_HEADER:
-            return None
-        break
-    if model.suffix.lower() != ".rkllm":
-        return "not_rkllm_model", "not a .rkllm file (convert the model with rkllm-toolkit)"
-    if size < MIN_RKLLM_MODEL_BYTES:
-        return "not_rkllm_model", f"only {size} bytes: a truncated download or not a model"
-    return None
 
 
 def _number(minimum: float, maximum: float, step: float = 1) -> NumberSelector:
@@ -344,14 +301,14 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
         return await self._async_entry_step("files", user_input)
 
     def _download_library_candidates(self) -> list[str]:
-        """Installed libraries first, then runtimes an earlier download fetched (newest first), then the emulator."""
+        """Installed libraries, then runtimes an earlier download fetched (newest first), then a development one."""
         runtimes = Path(self.hass.config.path(DOWNLOAD_FOLDER)) / "runtime"
         fetched = sorted(runtimes.glob("*/librkllmrt.so"), key=lambda path: path.parent.name, reverse=True)
-        emulator = emulator_library_path()
+        development = development_library()
         return [
             *LIBRARY_CANDIDATES,
             *(str(path) for path in fetched),
-            *([str(emulator)] if emulator is not None else []),
+            *([str(development)] if development is not None else []),
         ]
 
     def _download_soc(self) -> str | None:
@@ -413,8 +370,6 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
 
     async def async_step_reauth_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Probe the entered secret against the entry's worker; save it and reload only when the worker accepts it."""
-        from . import engine_config_from_entry
-
         entry = self._get_reauth_entry()
         errors: dict[str, str] = {}
         detail = ""
@@ -487,17 +442,15 @@ class RkllmConfigFlow(DownloadConfigFlow, domain=DOMAIN):
 
     async def _async_probe_remote(self, data: Mapping[str, Any]) -> tuple[dict[str, str], str]:
         """Probe the remote worker; map a failure's `reason` onto the remote form's fields."""
-        from rkllm_engine.client import WorkerClient
+        from rkllm_engine.engine import probe_worker
         from rkllm_engine.types import EngineUnavailableError, RuntimeIncompatibleError
-
-        from . import engine_config_from_entry
 
         if self.source == SOURCE_RECONFIGURE and self._same_loaded_worker(data):
             # Our own loaded entry holds the worker's only connection; the reload after saving re-checks it.
             return {}, ""
         location = engine_config_from_entry(data).worker
         try:
-            await WorkerClient.probe(
+            await probe_worker(
                 location,
                 timeout_s=REMOTE_PROBE_TIMEOUT_S,
                 library_path=data[CONF_LIBRARY_PATH],

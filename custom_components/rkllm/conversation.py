@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Literal
 
 from homeassistant.components import conversation
 from homeassistant.components.conversation.models import AbstractConversationAgent
@@ -11,7 +11,6 @@ from homeassistant.const import MATCH_ALL
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
-from homeassistant.util.hass_dict import HassKey
 
 from rkllm_engine.types import Priority
 
@@ -24,7 +23,6 @@ from .entity import RkllmBaseLLMEntity, TurnUsage
 PARALLEL_UPDATES = 0
 
 # Loaded agents by entity id, for `agent_api` (agents served as OpenAI models).
-DATA_AGENTS: Final[HassKey[dict[str, RkllmConversationEntity]]] = HassKey(f"{DOMAIN}_agents")
 
 
 async def async_setup_entry(
@@ -62,11 +60,11 @@ class RkllmConversationEntity(
         """Register as agent (for `agent_id=<entry_id>` callers) and for the agent models API."""
         await super().async_added_to_hass()
         conversation.async_set_agent(self.hass, self.entry, self)
-        self.hass.data.setdefault(DATA_AGENTS, {})[self.entity_id] = self
+        self.entry.runtime_data.agents[self.entity_id] = self
 
     async def async_will_remove_from_hass(self) -> None:
         """Unregister."""
-        self.hass.data.get(DATA_AGENTS, {}).pop(self.entity_id, None)
+        self.entry.runtime_data.agents.pop(self.entity_id, None)
         conversation.async_unset_agent(self.hass, self.entry)
         await super().async_will_remove_from_hass()
 

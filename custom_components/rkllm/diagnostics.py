@@ -8,29 +8,22 @@ template or system prompt are redacted too.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from homeassistant.components.diagnostics import REDACTED, async_redact_data
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import HomeAssistant
 
+from rkllm_native import logparse
+
 from .const import CONF_PROMPT, CONF_WORKER_SECRET
 from .data import RkllmRuntimeData
 
 TO_REDACT = {CONF_WORKER_SECRET, CONF_PROMPT}
 
-# Runtime lines that print prompt text after a key: `I rkllm: system_prompt: …`, `prompt_prefix: …`,
-# `prompt_postfix: …` (docs/runtime.md Appendix A), and tool definitions if a runtime echoes them.
-_PROMPT_ECHO = re.compile(r"^(?P<head>.*?\b(?:system_prompt|prompt_prefix|prompt_postfix|tools?)\s*:)\s*\S.*$")
-
-
 def redact_log_line(line: str) -> str:
-    """Replace the prompt text a runtime line echoes; other lines are kept as printed."""
-    match = _PROMPT_ECHO.match(line)
-    if match is None:
-        return line
-    return f"{match['head']} {REDACTED}"
+    """Replace the prompt text a runtime line echoes (rkllm_native.logparse knows which); others stay as printed."""
+    return logparse.redact_prompt_echo(line, REDACTED)
 
 
 async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: ConfigEntry) -> dict[str, Any]:

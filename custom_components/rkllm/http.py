@@ -59,11 +59,7 @@ from rkllm_engine.types import (
     TextDelta,
     WorkerHungError,
 )
-
-from .agent_api import AgentDelta, AgentRequestError, agent_models, async_run_agent
-from .const import DOMAIN
-from .data import RkllmRuntimeData
-from .openai_schemas import (
+from rkllm_openai.schemas import (
     MAX_BODY_BYTES,
     ModelListObject,
     ModelObject,
@@ -74,7 +70,7 @@ from .openai_schemas import (
     parse_chat_request,
     parse_completion_request,
 )
-from .openai_stream import (
+from rkllm_openai.stream import (
     SSE_DONE,
     SSE_HEADERS,
     SSE_PING,
@@ -83,6 +79,10 @@ from .openai_stream import (
     sse_error,
     sse_event,
 )
+
+from .agent_api import AgentDelta, AgentRequestError, agent_models, async_run_agent
+from .const import DOMAIN
+from .data import RkllmRuntimeData
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -8,9 +8,7 @@ the only place the runtime names driver and platform problems (docs/runtime.md �
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import datetime
 
 from homeassistant.components.repairs import ConfirmRepairFlow, RepairsFlow
@@ -22,6 +20,7 @@ from homeassistant.helpers.event import async_call_later
 from homeassistant.loader import IntegrationNotLoaded, async_get_loaded_integration
 
 from rkllm_engine.types import EngineMetrics, EngineState
+from rkllm_native import logparse
 
 from .const import (
     CONF_MODEL_PATH,
@@ -94,19 +93,6 @@ _SEVERITIES: dict[str, ir.IssueSeverity] = {
     ISSUE_WORKER_CRASH_LOOP: ir.IssueSeverity.ERROR,
     ISSUE_MODEL_LOAD_FAILED: ir.IssueSeverity.ERROR,
 }
-
-# Formats from the strings of librkllmrt (docs/runtime.md Appendix A). [Inf] The version line opens every
-# rkllm_init (docs/runtime.md §5 item 4), so the lines after the last one belong to the runtime that is loaded
-# now (or that just failed to load).
-_INIT_VERSION_LINE = re.compile(
-    r"^\s*I\s+rkllm:\s*rkllm-runtime version:\s*[^,]*,\s*rknpu driver version:\s*(?P<driver>[^,\s]+)"
-    r"(?:\s*,\s*platform:\s*(?P<platform>\S+))?"
-)
-_DRIVER_TOO_LOW_LINE = re.compile(
-    r"^\s*W\s+rkllm:.*rknpu driver version is too low, please upgrade to\s*(?P<required>[^\s,]+?)\.?\s*$",
-    re.IGNORECASE,
-)
-_PLATFORM_MISMATCH_LINE = re.compile(r"^\s*E\s+rkllm:.*target_platform does not match the real platform", re.IGNORECASE)
 
 
 def issue_id_for(key: str, entry_id: str) -> str:
@@ -198,40 +184,6 @@ def async_delete_entry_issues(hass: HomeAssistant, entry_id: str) -> None:
         _async_delete_issue(hass, entry_id, key)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """`0.9.8` → (0, 9, 8); letters end a part (`1.2.1b1` → (1, 2, 1)), so odd strings still compare."""
-    parts: list[int] = []
-    for part in version.strip().lstrip("vV").split("."):
-        digits = re.match(r"\d+", part)
-        if digits is None:
-            break
-        parts.append(int(digits.group()))
-    return tuple(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class _InitFindings:
-    """What one init's lines say about the driver and the platform."""
-
-    driver_version: str | None = None
-    platform: str | None = None
-    required_driver_version: str | None = None
-    platform_mismatch: str | None = None  # the runtime's line, shown to the user
-
-    @classmethod
-    def from_lines(cls, lines: list[str]) -> _InitFindings:
-        """Read the version, driver-warning and mismatch lines (the last of each wins)."""
-        found = cls()
-        for line in lines:
-            if (version := _INIT_VERSION_LINE.match(line)) is not None:
-                found = replace(found, driver_version=version["driver"], platform=version["platform"])
-            elif (warning := _DRIVER_TOO_LOW_LINE.match(line)) is not None:
-                found = replace(found, required_driver_version=warning["required"])
-            elif _PLATFORM_MISMATCH_LINE.match(line):
-                found = replace(found, platform_mismatch=line.strip())
-        return found
-
-
 class EngineIssueTracker:
     """Turns engine snapshots and runtime lines into issues; every decision is re-made from what is seen now.
 
@@ -295,22 +247,10 @@ class EngineIssueTracker:
             LOGGER.info("The NPU engine of %s is available again", self._title)
         self._available = available
 
-    def _latest_init_lines(self) -> list[str] | None:
-        """Lines printed since the last init began; None when the ring no longer holds that init."""
-        lines = self._engine.recent_log()
-        for index in range(len(lines) - 1, -1, -1):
-            if _INIT_VERSION_LINE.match(lines[index]):
-                return lines[index:]
-        # Some failures print before (or instead of) the version line: a mismatch anywhere still counts.
-        if any(_PLATFORM_MISMATCH_LINE.match(line) for line in lines):
-            return lines
-        return None
-
     def _check_init_log(self, metrics: EngineMetrics) -> None:
-        lines = self._latest_init_lines()
-        if lines is None:
+        init = logparse.latest_init_findings(self._engine.recent_log())
+        if init is None:
             return
-        init = _InitFindings.from_lines(lines)
         loaded = metrics.state in LOADED_STATES
 
         if loaded:
@@ -331,7 +271,7 @@ class EngineIssueTracker:
 
         driver = init.driver_version or metrics.driver_version
         required = init.required_driver_version
-        if required is not None and not (driver and _version_tuple(driver) >= _version_tuple(required)):
+        if required is not None and not (driver and logparse.version_tuple(driver) >= logparse.version_tuple(required)):
             _async_create_issue(
                 self._hass,
                 self._entry_id,

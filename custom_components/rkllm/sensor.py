@@ -24,7 +24,7 @@ from homeassistant.helpers.typing import StateType
 from rkllm_engine.types import EngineMetrics, EngineState, HealthStatus
 
 from .data import RkllmConfigEntry
-from .entity import runtime_device_info
+from .device import runtime_device_info
 
 # Values are pushed by the engine; there is no update call to serialise.
 PARALLEL_UPDATES = 0

@@ -15,9 +15,9 @@ from homeassistant.const import EVENT_HOMEASSISTANT_STOP
 from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.rkllm.openai_schemas import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from rkllm_engine.prompting import MAX_TOOL_SCHEMA_DEPTH
 from rkllm_engine.types import EngineState
+from rkllm_openai.schemas import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from tests.engine.test_client import worker_children
 from tests.ha.conftest import wait_for_metrics
 

@@ -14,7 +14,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.rkllm.compat import HAS_AI_TASK, entry_platforms
 from custom_components.rkllm.config_flow import RkllmConfigFlow, default_ai_task_options
 from custom_components.rkllm.const import SUBENTRY_AI_TASK
-from custom_components.rkllm.entity import decode_json_answer, validate_structured_answer
+from custom_components.rkllm.structured import decode_json_answer, validate_structured_answer
 from tests.ha.conftest import conversation_subentry
 
 AI_TASK_ENTITY = "ai_task.data_generator"

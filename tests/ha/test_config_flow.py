@@ -16,10 +16,9 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.rkllm import config_flow
 from custom_components.rkllm.compat import HAS_AI_TASK
 from custom_components.rkllm.config_flow import (
-    MIN_RKLLM_MODEL_BYTES,
     RkllmConfigFlow,
     detect_platform,
-    emulator_library_path,
+    development_library,
     model_file_problem,
 )
 from custom_components.rkllm.const import (
@@ -45,6 +44,7 @@ from custom_components.rkllm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from custom_components.rkllm.entry_settings import MIN_RKLLM_MODEL_BYTES
 from rkllm_engine.client import InitSpec, WorkerClient, WorkerLocation
 from rkllm_native import protocol
 from tests.ha.conftest import ASSIST_MODEL, FAST_ENV, RemoteWorker, entry_data, fake_library, free_tcp_port
@@ -72,7 +72,7 @@ async def test_user_step_suggests_emulator_and_detected_values(hass: HomeAssista
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "files"
     suggested = {str(key): key.description["suggested_value"] for key in result["data_schema"].schema}
-    assert suggested[CONF_LIBRARY_PATH] == str(emulator_library_path())
+    assert suggested[CONF_LIBRARY_PATH] == str(development_library())
     assert suggested[CONF_PLATFORM] == (detect_platform() or "rk3588")
     assert suggested[CONF_ABI_PROFILE] == "auto"
     assert suggested[CONF_WORKER] == "local"
@@ -599,3 +599,19 @@ async def test_agent_with_the_assist_api_keeps_it_as_a_list(hass: HomeAssistant,
     state = hass.states.get("conversation.house_keeper")
     assert state is not None
     assert state.attributes.get("supported_features")
+
+
+def test_without_the_development_hook_the_emulator_is_neither_suggested_nor_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A real installation (no RKLLM_DEVELOP) knows nothing of the emulator: its model files are not models."""
+    monkeypatch.delenv("RKLLM_DEVELOP", raising=False)
+    monkeypatch.setattr(config_flow, "LIBRARY_CANDIDATES", (str(tmp_path / "absent.so"),))
+    assert development_library() is None
+    assert config_flow.suggest_library_path() == str(tmp_path / "absent.so")
+    model = tmp_path / "assist.model"
+    model.write_text(ASSIST_MODEL)
+    not_a_model = ("not_rkllm_model", "not a .rkllm file (convert the model with rkllm-toolkit)")
+    assert model_file_problem(str(model)) == not_a_model
+    monkeypatch.setenv("RKLLM_DEVELOP", "1")
+    assert model_file_problem(str(model)) is None

@@ -18,16 +18,16 @@ from homeassistant.helpers import chat_session, intent, llm
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
 from custom_components.rkllm.agent_api import AgentDelta, AgentRequestError, agent_models, async_run_agent
-from custom_components.rkllm.compat import SUPPORTS_THINKING_DELTA
-from custom_components.rkllm.const import DOMAIN
-from custom_components.rkllm.entity import (
-    EngineTurnError,
+from custom_components.rkllm.chat_content import (
     repair_tool_arguments,
     short_match_failure,
     shorten_tool_result,
     split_dynamic_context,
     trim_history,
 )
+from custom_components.rkllm.compat import MATCH_FAILURE_TEXT_IS_SENTENCE, SUPPORTS_THINKING_DELTA
+from custom_components.rkllm.const import DOMAIN
+from custom_components.rkllm.entity import EngineTurnError
 from rkllm_engine.types import (
     ChatMessage,
     ChatRequest,
@@ -44,7 +44,6 @@ from tests.ha.conftest import ASSIST_MODEL, KITCHEN_LIGHT, REPO_ROOT, conversati
 
 AGENT = "conversation.assist_on_npu"
 DEMO_MODEL = REPO_ROOT / "rkllm_native" / "emulator" / "models" / "qwen2.5-1.5b-assist.model"
-ASSIST_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "assist"
 
 
 def run_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -150,13 +149,11 @@ async def test_tool_error_is_shortened_before_the_model_reads_it(
     payload = json.loads(tool_message.content or "")
     # Up to 2026.9 HA's error text is the error's repr, which we shorten ("No entity named Bathroom Fan"); from
     # 2026.10 HA writes a short sentence itself, which reaches the model unchanged.
-    raw = str(
-        intent.MatchFailedError(
-            result=intent.MatchTargetsResult(is_match=False, no_match_reason=intent.MatchFailedReason.NAME),
-            constraints=intent.MatchTargetsConstraints(name="Bathroom Fan"),
-        )
+    error = intent.MatchFailedError(
+        result=intent.MatchTargetsResult(is_match=False, no_match_reason=intent.MatchFailedReason.NAME),
+        constraints=intent.MatchTargetsConstraints(name="Bathroom Fan"),
     )
-    expected = short_match_failure(raw) or raw
+    expected = str(error) if MATCH_FAILURE_TEXT_IS_SENTENCE else short_match_failure(error)
     assert expected in {"No entity named Bathroom Fan", "No entities matched the name (given name 'Bathroom Fan')"}
     assert payload == {"error": "MatchFailedError", "error_text": expected}
 
@@ -235,13 +232,28 @@ def test_dynamic_context_split_on_both_prompt_layouts() -> None:
     assert split_dynamic_context("No time here.") == ("No time here.", None)
 
 
-def test_match_failure_from_real_home_assistant_is_one_sentence() -> None:
-    recorded = json.loads((ASSIST_DATA / "tool_results_2026.2.3.json").read_text())["turn_on_unknown_name"]["msg"]
-    assert short_match_failure(recorded) == "No entity named Bathroom Fan"
-    assert shorten_tool_result({"error": "MatchFailedError", "error_text": recorded}, True) == {
+def test_match_failure_is_one_sentence_from_the_error_fields() -> None:
+    """The sentence comes from MatchFailedError's fields (reason, constraints), not from its English text."""
+    error = intent.MatchFailedError(  # what HA raised for "turn on the bathroom fan" (tool_results_2026.2.3.json)
+        result=intent.MatchTargetsResult(is_match=False, no_match_reason=intent.MatchFailedReason.NAME),
+        constraints=intent.MatchTargetsConstraints(name="Bathroom Fan", assistant="conversation"),
+        preferences=intent.MatchTargetsPreferences(),
+    )
+    sentence = short_match_failure(error)
+    assert sentence == "No entity named Bathroom Fan"
+    assert shorten_tool_result({"error": "MatchFailedError", "error_text": str(error)}, True, sentence) == {
         "error": "MatchFailedError",
         "error_text": "No entity named Bathroom Fan",
     }
+    area_error = intent.MatchFailedError(
+        result=intent.MatchTargetsResult(
+            is_match=False, no_match_reason=intent.MatchFailedReason.INVALID_AREA, no_match_name="Attic"
+        ),
+        constraints=intent.MatchTargetsConstraints(area_name="Attic", domains={"light"}),
+    )
+    assert short_match_failure(area_error) == "No area named Attic"
+    unexplained = intent.MatchFailedError(intent.MatchTargetsResult(is_match=False), intent.MatchTargetsConstraints())
+    assert short_match_failure(unexplained) is None
     long_error = {"error": "HomeAssistantError", "error_text": "x" * 500}
     assert len(shorten_tool_result(long_error, True)["error_text"]) == 200
     ok = {"speech": {}, "response_type": "action_done"}

@@ -355,7 +355,7 @@ async def test_without_an_installed_runtime_the_matching_release_is_downloaded_a
     The stand-in serves the emulator library as the aarch64 build of release-v1.3.0, and the official-hash table is
     told its hash: the flow cannot tell it from the real one, and the entry then loads with it.
     """
-    monkeypatch.setattr(config_flow, "emulator_library_path", lambda: None)
+    monkeypatch.setattr(config_flow, "development_library", lambda: None)
     monkeypatch.setattr(fetch_catalog, "machine_variant", lambda machine=None: "linux-aarch64")
     library = await hass.async_add_executor_job(Path(emulator_library("v130")).read_bytes)
     release = fetch_catalog.load_catalog(extra=[]).runtime("1.3.0")
@@ -380,7 +380,7 @@ async def test_without_an_installed_runtime_the_matching_release_is_downloaded_a
 async def test_a_runtime_that_is_not_the_official_build_is_refused(
     hass: HomeAssistant, hub: ModelHub, config_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_flow, "emulator_library_path", lambda: None)
+    monkeypatch.setattr(config_flow, "development_library", lambda: None)
     monkeypatch.setattr(fetch_catalog, "machine_variant", lambda machine=None: "linux-aarch64")
     release = fetch_catalog.load_catalog(extra=[]).runtime("1.3.0")
     assert release is not None
@@ -399,7 +399,7 @@ async def test_a_runtime_that_is_not_the_official_build_is_refused(
 async def test_a_machine_rockchip_publishes_no_runtime_for_is_told_before_downloading(
     hass: HomeAssistant, hub: ModelHub, config_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_flow, "emulator_library_path", lambda: None)
+    monkeypatch.setattr(config_flow, "development_library", lambda: None)
     monkeypatch.setattr(fetch_catalog, "machine_variant", lambda machine=None: None)
     form = await open_download_form(hass)
 

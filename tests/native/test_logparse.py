@@ -74,3 +74,18 @@ def test_a_worker_crash_report_counts_as_the_last_error() -> None:
     assert logparse.last_problem_line(lines, crash_reports=True) == "Fatal Python error: Segmentation fault"
     assert logparse.last_problem_line(lines) == "E rkllm: the context is not enough!"
     assert logparse.last_problem_line(lines, levels="W", crash_reports=True) == lines[0]
+
+
+def test_init_findings_read_only_the_latest_init() -> None:
+    """Driver version, the driver warning and a platform mismatch come from the lines of the last init only."""
+    old_init = [
+        "I rkllm: rkllm-runtime version: 1.2.1, rknpu driver version: 0.9.6, platform: RK3588",
+        "W rkllm: Warning: Your rknpu driver version is too low, please upgrade to 0.9.7.",
+    ]
+    new_init = ["I rkllm: rkllm-runtime version: 1.2.1, rknpu driver version: 0.9.8, platform: RK3588"]
+    assert logparse.latest_init_findings(old_init) == logparse.InitFindings("0.9.6", "RK3588", "0.9.7", None)
+    assert logparse.latest_init_findings([*old_init, *new_init]) == logparse.InitFindings("0.9.8", "RK3588")
+    mismatch = "E rkllm: the target_platform does not match the real platform!"
+    assert logparse.latest_init_findings([mismatch]) == logparse.InitFindings(platform_mismatch=mismatch)
+    assert logparse.latest_init_findings(["I rkllm: loading"]) is None
+    assert logparse.version_tuple("v0.9.8") == (0, 9, 8) > logparse.version_tuple("0.9.7b1")

@@ -182,7 +182,7 @@ def test_requirements_are_pure_python_packages_from_pypi_with_version_ranges() -
 
 def test_manifest_loggers_cover_the_vendored_packages() -> None:
     # "Enable debug logging" in the UI sets these loggers; the engine and the binding log under their own names.
-    assert {"rkllm_engine", "rkllm_native"} <= set(manifest().get("loggers", []))
+    assert {"rkllm_engine", "rkllm_native", "rkllm_openai"} <= set(manifest().get("loggers", []))
 
 
 class _ComponentImports(ast.NodeVisitor):

@@ -45,8 +45,12 @@ release = _load_release_module()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user's Home Assistant: no PYTHONPATH pointing into this repository."""
+    """The environment of a user's Home Assistant: no PYTHONPATH pointing into this repository.
+
+    RKLLM_DEVELOP=1 lets it accept the emulator's model files, which these tests install instead of a real model.
+    """
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    env["RKLLM_DEVELOP"] = "1"
     env.update(extra)
     return env
 
@@ -93,6 +97,7 @@ def repository_sources() -> set[str]:
         ("custom_components/rkllm", PREFIX),
         ("rkllm_native", VENDOR + "rkllm_native/"),
         ("rkllm_engine", VENDOR + "rkllm_engine/"),
+        ("rkllm_openai", VENDOR + "rkllm_openai/"),
     ):
         root = REPO_ROOT / package
         for path in root.rglob("*"):
@@ -127,6 +132,7 @@ def test_zip_holds_every_source_and_no_build_output(release_zips: tuple[Path, Pa
         "vendor/rkllm_native/emulator/rkllm.h",
         "vendor/rkllm_native/emulator/models/qwen2-0.5b-chat.model",
         "vendor/rkllm_engine/engine.py",
+        "vendor/rkllm_openai/schemas.py",
     ):
         assert PREFIX + required in names
     forbidden = [n for n in names if "__pycache__" in n or "/build/" in n or n.endswith((".so", ".pyc", ".o"))]
@@ -153,7 +159,7 @@ def _fake_tree(root: Path, manifest_version: str = "1.2.3", pyproject_version: s
     (root / "custom_components/rkllm/manifest.json").write_text(json.dumps({"version": manifest_version}))
     (root / "custom_components/rkllm/vendor/__init__.py").write_text("")
     (root / "pyproject.toml").write_text(f'[project]\nname = "rkllm"\nversion = "{pyproject_version}"\n')
-    for package in ("rkllm_native", "rkllm_engine"):
+    for package in ("rkllm_native", "rkllm_engine", "rkllm_openai"):
         (root / package).mkdir()
         (root / package / "__init__.py").write_text("")
     return root
@@ -188,8 +194,9 @@ def test_build_outputs_in_the_tree_are_left_out(tmp_path: Path) -> None:
             "custom_components/rkllm/vendor/__init__.py",
             "custom_components/rkllm/vendor/rkllm_engine/__init__.py",
             "custom_components/rkllm/vendor/rkllm_native/__init__.py",
+            "custom_components/rkllm/vendor/rkllm_openai/__init__.py",
         ]
-    assert count == 4
+    assert count == 5
 
 
 ENGINE_SCRIPT = textwrap.dedent(

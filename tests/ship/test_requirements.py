@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 from tests.conftest import REPO_ROOT
 from tests.ship.test_release_zip import release
 
-OWN_PACKAGES = frozenset({"custom_components", "rkllm_engine", "rkllm_native"})
+OWN_PACKAGES = frozenset({"custom_components", "rkllm_engine", "rkllm_native", "rkllm_openai"})
 IMPORT_ERRORS = frozenset({"ImportError", "ModuleNotFoundError"})
 DYNAMIC_IMPORTERS = frozenset({"import_module", "__import__"})
 MANIFEST = REPO_ROOT / "custom_components" / "rkllm" / "manifest.json"
@@ -254,7 +254,7 @@ def test_requirements_agree_with_home_assistants_own_pins() -> None:
         if (match := re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*", line))
     }
     requirements = manifest_requirements()
-    assert requirements, "manifest.json declares no requirement (pydantic is imported by openai_schemas.py)"
+    assert requirements, "manifest.json declares no requirement (pydantic is imported by rkllm_openai/schemas.py)"
     for text in requirements:
         requirement = Requirement(text)
         pinned = pins.get(canonicalize_name(requirement.name))

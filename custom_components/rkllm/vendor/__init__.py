@@ -1,8 +1,9 @@
-"""Puts the `rkllm_native` and `rkllm_engine` packages of a release zip on `sys.path` (scripts/build_release).
+"""Puts the packages a release zip vendors on `sys.path` (scripts/build_release).
 
-They are not on PyPI, so the release zip carries them in this directory. A checkout or a pip install has them on
-`sys.path` already, and then this module changes nothing. The worker child process finds the same directory:
-the engine's client puts the parent of `rkllm_native` on its PYTHONPATH.
+`rkllm_native`, `rkllm_engine` and `rkllm_openai` are not on PyPI, so the release zip carries them in this
+directory. A checkout or a pip install has them on `sys.path` already, and then this module changes nothing.
+The worker child process finds the same directory: the engine's client puts the parent of `rkllm_native` on its
+PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Final
 
 VENDOR_DIR: Final = Path(__file__).resolve().parent
-VENDORED_PACKAGES: Final = ("rkllm_native", "rkllm_engine")
+VENDORED_PACKAGES: Final = ("rkllm_native", "rkllm_engine", "rkllm_openai")
 
 
 def vendored_packages_present() -> bool:

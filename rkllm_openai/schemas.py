@@ -30,7 +30,6 @@ MAX_REPORTED_ERRORS: Final = 5
 MAX_ERROR_PART_CHARS: Final = 200
 TOOL_NAME_PATTERN: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _PYDANTIC_TYPE_TAGS: Final = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "tuple"})
-_FENCE_RE: Final = re.compile(r"^\s*```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)\n?```\s*$", re.DOTALL)
 
 
 class OpenAIError(Exception):
@@ -224,12 +223,6 @@ class ModelListObject(TypedDict):
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> ErrorBody:
     """An OpenAI error body."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def strip_code_fence(text: str) -> str:
-    """The body of a ```json … ``` fence, or the text unchanged: small models fence JSON even when told not to."""
-    match = _FENCE_RE.match(text)
-    return match.group(1) if match else text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The request translation and the event → OpenAI translators, without a server (fast, exhaustive cases)."""
+"""The request translation and the event → OpenAI translators, without a server or Home Assistant (fast)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,7 @@ from typing import Any
 
 import pytest
 
-from custom_components.rkllm.openai_schemas import (
-    OpenAIError,
-    parse_chat_request,
-    parse_completion_request,
-    strip_code_fence,
-)
-from custom_components.rkllm.openai_stream import (
-    ChatCompletionTranslator,
-    JsonFenceFilter,
-    TextCompletionTranslator,
-    sse_event,
-)
+from rkllm_engine.output import strip_code_fence
 from rkllm_engine.types import (
     Finished,
     Perf,
@@ -29,10 +18,24 @@ from rkllm_engine.types import (
     ToolCallStart,
     Usage,
 )
-
-from .conftest import streamed_content
+from rkllm_openai.schemas import (
+    OpenAIError,
+    parse_chat_request,
+    parse_completion_request,
+)
+from rkllm_openai.stream import (
+    ChatCompletionTranslator,
+    JsonFenceFilter,
+    TextCompletionTranslator,
+    sse_event,
+)
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=4, cached_tokens=6)
+
+
+def streamed_content(chunks: list[dict[str, Any]]) -> str:
+    """The assistant text of parsed chat chunks, joined as a client does (the usage chunk has no choices)."""
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
 
 
 def finished(reason: Any = "stop", calls: tuple[ToolCall, ...] = ()) -> Finished:

@@ -26,7 +26,7 @@ from rkllm_engine.types import (
     Usage,
 )
 
-from .openai_schemas import (
+from .schemas import (
     AssistantMessageObject,
     ChatCompletionChunkObject,
     ChatCompletionObject,
