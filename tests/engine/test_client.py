@@ -616,8 +616,8 @@ async def test_probe_of_a_silent_listener_times_out_as_unreachable(socket_enable
     port = server.sockets[0].getsockname()[1]
     try:
         # The outer 30 s only catches a hang: the probe itself must give up after its own 0.3 s.
+        probe = WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=0.3)
         with pytest.raises(EngineUnavailableError) as silent:
-            probe = WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=0.3)
             await asyncio.wait_for(probe, 30)
         assert silent.value.reason == "worker_unreachable"
     finally:

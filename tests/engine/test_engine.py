@@ -6,7 +6,6 @@ import asyncio
 import json
 import textwrap
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -317,7 +316,6 @@ async def test_a_request_granted_during_a_restart_is_released_at_once_when_cance
     The narrow race: the slot was granted just before the worker crashed, so the run waits for the restart
     (backoff + model load); a cancel (client gone, `Generation.cancel`, `Engine.stop`) must end that wait.
     """
-
     scheduler = Scheduler(queue_size=2)
     scheduler.open()
     ticket = scheduler.admit(Priority.API)
