@@ -564,7 +564,7 @@ async def test_probe_says_hello_without_loading_and_frees_the_worker_for_the_rea
     make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
 ) -> None:
     tasks_before = len(asyncio.all_tasks())
-    hello = await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+    hello = await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert hello.pid == remote_worker.process.pid
     assert hello.protocol_version == protocol.PROTOCOL_VERSION
     assert not hello.initialized  # nothing was loaded
@@ -573,32 +573,32 @@ async def test_probe_says_hello_without_loading_and_frees_the_worker_for_the_rea
     client = make_client(remote(remote_worker))  # the session the probe held is free again
     await client.start(spec_for(write_model(tmp_path / "m.model")))
     await client.stop()
-    assert (await WorkerClient.probe(remote(remote_worker), timeout_s=5)).initialized  # the model stays loaded
+    assert (await WorkerClient.probe(remote(remote_worker), timeout_s=30)).initialized  # the model stays loaded
 
 
 async def test_probe_failures_carry_their_reason(
     make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
 ) -> None:
     with pytest.raises(EngineUnavailableError) as refused:
-        await WorkerClient.probe(remote(remote_worker, secret="wrong"), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker, secret="wrong"), timeout_s=30)
     assert refused.value.reason == "secret_refused"
     with pytest.raises(EngineUnavailableError) as no_secret:
-        await WorkerClient.probe(remote(remote_worker, secret=""), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker, secret=""), timeout_s=30)
     assert no_secret.value.reason == "secret_refused"
 
     await make_client(remote(remote_worker)).start(spec_for(write_model(tmp_path / "m.model")))
     with pytest.raises(EngineUnavailableError) as busy:
-        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert busy.value.reason == "worker_busy"
 
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     with pytest.raises(EngineUnavailableError) as unreachable:
-        await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=5)
+        await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=30)
     assert unreachable.value.reason == "worker_unreachable"
     with pytest.raises(ValueError, match="remote"):
-        await WorkerClient.probe(WorkerLocation(), timeout_s=5)
+        await WorkerClient.probe(WorkerLocation(), timeout_s=30)
 
 
 async def test_probe_of_a_worker_speaking_another_protocol_is_a_protocol_mismatch(
@@ -606,7 +606,7 @@ async def test_probe_of_a_worker_speaking_another_protocol_is_a_protocol_mismatc
 ) -> None:
     monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)  # this side only
     with pytest.raises(RuntimeIncompatibleError) as refused:
-        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert refused.value.reason == "protocol_mismatch"
 
 

@@ -238,7 +238,7 @@ async def test_cancelling_the_consuming_task_aborts_and_a_queued_request_leaves_
                 started.set()
 
     consumer = asyncio.create_task(consume())
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), 30)
     queued = engine.submit(ChatRequest(messages=[ChatMessage("user", "queued")]))
     async with queued:
         assert engine.metrics.queue_depth == 1
