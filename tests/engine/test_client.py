@@ -462,14 +462,14 @@ async def remote_worker(tmp_path: Path, socket_enabled: None) -> AsyncIterator[R
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
-    banner = (await asyncio.wait_for(process.stderr.readline(), 10)).decode()
+    banner = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
     assert banner.startswith("rkllm-worker: listening on 127.0.0.1:"), banner
     port = int(banner.split("127.0.0.1:")[1].split()[0])
     yield RemoteWorker(process, port)
     if process.returncode is None:
         process.terminate()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.wait(), 10)
+        await asyncio.wait_for(process.wait(), 30)
     if process.returncode is None:
         process.kill()
         await process.wait()
