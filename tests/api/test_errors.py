@@ -7,6 +7,7 @@ context overflow, errors after the stream started, and keep-alive pings.
 from __future__ import annotations
 
 import json
+import logging
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from homeassistant.core import HomeAssistant, callback
 from homeassistant.setup import async_setup_component
 from openai import APIError, AsyncOpenAI, AuthenticationError, BadRequestError, InternalServerError
 
+from custom_components.rkllm import openai_schemas
 from custom_components.rkllm.const import DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, QueueFullError
 
@@ -33,6 +35,8 @@ from .conftest import (
     streamed_content,
     write_model,
 )
+
+SCHEMAS_LOGGER = openai_schemas.__name__  # where the request models log what they ignore
 
 USER_HELLO = [{"role": "user", "content": "Hello"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
@@ -180,7 +184,9 @@ async def test_every_validation_error_is_a_400_naming_the_param(api: ApiServer) 
     assert not problems, "\n".join(problems)
 
 
-async def test_ignored_fields_are_accepted(api: ApiServer) -> None:
+async def test_ignored_fields_are_accepted_with_a_log_line(api: ApiServer, caplog: pytest.LogCaptureFixture) -> None:
+    """docs/openai-api.md §1.6: ignored fields get a debug line; a non-empty logit_bias (it changes results) warns."""
+    caplog.set_level(logging.DEBUG, logger=SCHEMAS_LOGGER)
     response = await api.client.post(
         "/v1/chat/completions",
         headers=api.auth(),
@@ -202,6 +208,20 @@ async def test_ignored_fields_are_accepted(api: ApiServer) -> None:
     )
     assert response.status == 200
     assert (await response.json())["choices"][0]["message"]["content"] == "You said: Hello"
+    logged = [(record.levelno, record.getMessage()) for record in caplog.records if record.name == SCHEMAS_LOGGER]
+    assert (logging.WARNING, "logit_bias is not supported by the RKLLM runtime and was ignored") in logged
+    [ignored] = [message for level, message in logged if message.startswith("fields present in the request but")]
+    for field in ("seed", "user", "metadata", "store", "service_tier", "mirostat"):
+        assert field in ignored.split(": ", 1)[1].split(", "), (field, ignored)
+
+
+async def test_an_empty_logit_bias_is_no_warning(api: ApiServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty logit_bias changes nothing (clients send `{}` by default): no warning for it."""
+    caplog.set_level(logging.DEBUG, logger=SCHEMAS_LOGGER)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello"}], "logit_bias": {}}
+    response = await api.client.post("/v1/chat/completions", headers=api.auth(), json=body)
+    assert response.status == 200
+    assert not [record for record in caplog.records if "logit_bias" in record.getMessage()]
 
 
 @pytest.mark.parametrize(

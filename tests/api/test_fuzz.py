@@ -220,7 +220,7 @@ class Fuzzer:
                 assert isinstance(await response.json(), dict)
 
     async def canary(self) -> None:
-        started = time.monotonic()
+        """The issue's bound, the only timed check here: the canary is answered within 5 s after every batch."""
         async with asyncio.timeout(CANARY_WITHIN_S):
             response = await self.api.client.post(
                 "/v1/chat/completions",
@@ -229,7 +229,6 @@ class Fuzzer:
             )
             assert response.status == 200
             assert (await response.json())["choices"][0]["message"]["content"] == "You said: canary"
-        assert time.monotonic() - started < CANARY_WITHIN_S
 
 
 async def test_fuzzed_requests_never_get_a_5xx_and_the_engine_keeps_serving(

@@ -149,9 +149,14 @@ async def test_a_required_tool_choice_after_other_tools_returns_only_the_offered
 # Bounded shutdown and unload with a stuck run
 
 
+# Hangs after two tokens; an abort would take effect only after 10 min, so the run ignores it whether it comes
+# before or after the hang (no race with the clock).
+STUCK = "fault = hang_after_tokens:2\nabort_delay_ms = 600000\n"
+
+
 async def _stuck(hass: HomeAssistant, emulator_lib: str, tmp_path: Any, serve_http: Any) -> MockConfigEntry:
     """An entry whose run hangs (no callback, abort ignored), with a request stuck in it."""
-    entry = add_entry(hass, emulator_lib, write_model(tmp_path, API_MODEL + "fault = hang_after_tokens:2\n"))
+    entry = add_entry(hass, emulator_lib, write_model(tmp_path, API_MODEL + STUCK))
     assert await hass.config_entries.async_setup(entry.entry_id)
     api: ApiServer = await serve_http()
     body = {**ENDPOINTS["/v1/chat/completions"], "stream": True}

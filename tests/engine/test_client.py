@@ -37,6 +37,9 @@ from rkllm_native.worker import init_problem
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COUNT_ANSWER = "one two three four five six seven eight nine ten eleven twelve"
 HELLO_ANSWER = "Hello from the emulator."
+# The abort takes effect only after 10 min: whether it reaches the worker before or after the hang fault (a race on a
+# busy machine), the run does not honour it within the grace, so the test needs no sleep "to let it reach the hang".
+ABORT_NEVER_IN_TIME = "abort_delay_ms = 600000\n"
 
 
 def write_model(path: Path, *, decode_tokens_per_s: float = 2000, fault: str = "none", extra: str = "") -> Path:
@@ -167,7 +170,9 @@ async def test_crash_mid_stream_raises_for_that_run_then_the_worker_restarts_and
     with pytest.raises(WorkerCrashedError) as crashed:
         await consume()
     assert str(crashed.value) == "the rkllm worker crashed (signal 11 SIGSEGV) during generation; restarting"
-    assert 0 < len(pieces) <= 3
+    # Up to the 3 tokens before the crash, in order; those still in the worker's outbox die with it (SIGSEGV).
+    assert len(pieces) <= 3
+    assert COUNT_ANSWER.startswith("".join(piece.text for piece in pieces))
     with pytest.raises(WorkerCrashedError):  # the stream keeps saying how it ended
         await stream.__anext__()
 
@@ -184,17 +189,15 @@ async def test_hung_run_is_killed_by_the_watchdog_within_the_grace_and_the_worke
     make_client: Callable[..., WorkerClient], tmp_path: Path
 ) -> None:
     client = make_client(abort_grace_s=0.5, restart_backoff_s=(0.05,))
-    model = write_model(tmp_path / "m.model", fault="hang_after_tokens:3")
+    model = write_model(tmp_path / "m.model", fault="hang_after_tokens:3", extra=ABORT_NEVER_IN_TIME)
     first = await client.start(spec_for(model))
     write_model(model)
 
     stream = count_run(client)
     assert len(await take(stream, 3)) == 3  # then the runtime hangs and ignores rkllm_abort
-    await asyncio.sleep(0.1)  # let it reach the hang (an abort racing the 3rd callback's return would win)
     started = time.monotonic()
     await stream.abort()
-    elapsed = time.monotonic() - started
-    assert 0.5 <= elapsed < 2.0
+    assert time.monotonic() - started >= 0.5  # the grace was given (a lower bound: load only lengthens it)
     with pytest.raises(WorkerCrashedError, match=r"did not honour abort within 0\.5s; worker killed; restarting"):
         await stream.__anext__()
     assert first.pid not in worker_children()
@@ -208,12 +211,11 @@ async def test_abort_mid_decode_finishes_promptly_and_no_token_leaks_into_the_ne
     make_client: Callable[..., WorkerClient], tmp_path: Path
 ) -> None:
     client = make_client()
-    await client.start(spec_for(write_model(tmp_path / "m.model", decode_tokens_per_s=20)))
+    # 5 tok/s: the 9 tokens left take 1.8 s, so "aborted" (not a natural finish) shows the abort ended the run.
+    await client.start(spec_for(write_model(tmp_path / "m.model", decode_tokens_per_s=5)))
     stream = count_run(client)
     await take(stream, 3)
-    started = time.monotonic()
-    await stream.abort()
-    assert time.monotonic() - started < 1.0
+    await asyncio.wait_for(stream.abort(), 30)
     assert stream.finished is not None
     assert stream.finished.aborted
     assert [piece async for piece in stream] == []
@@ -236,13 +238,12 @@ async def test_cancelling_the_consumer_aborts_the_run_and_the_next_run_is_served
 
     task = asyncio.create_task(consume())
     await first_piece.wait()
-    started = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # The next run waits for the slot the cancelled one frees, then streams only its own text.
-    assert await collect(client.run("user", "say hello", keep_history=False, enable_thinking=False)) == HELLO_ANSWER
-    assert time.monotonic() - started < 1.5
+    hello = client.run("user", "say hello", keep_history=False, enable_thinking=False)
+    assert await asyncio.wait_for(collect(hello), 30) == HELLO_ANSWER
     assert stream.done
     assert stream.finished is not None
     assert stream.finished.aborted
@@ -271,7 +272,8 @@ async def test_a_crash_loop_ends_in_failed_with_the_reason(
     assert str(unavailable.value) == message
     with pytest.raises(EngineUnavailableError):
         await client.wait_ready(timeout_s=1)
-    await asyncio.sleep(0.2)  # FAILED is terminal: no restart behind the caller's back
+    # FAILED is terminal: nothing is left scheduled that could restart the worker behind the caller's back.
+    assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
     assert client.state is WorkerState.FAILED
     assert worker_children() == []
 
@@ -460,14 +462,14 @@ async def remote_worker(tmp_path: Path, socket_enabled: None) -> AsyncIterator[R
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
-    banner = (await asyncio.wait_for(process.stderr.readline(), 10)).decode()
+    banner = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
     assert banner.startswith("rkllm-worker: listening on 127.0.0.1:"), banner
     port = int(banner.split("127.0.0.1:")[1].split()[0])
     yield RemoteWorker(process, port)
     if process.returncode is None:
         process.terminate()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.wait(), 10)
+        await asyncio.wait_for(process.wait(), 30)
     if process.returncode is None:
         process.kill()
         await process.wait()
@@ -546,23 +548,23 @@ async def test_remote_hang_drops_the_connection_and_the_remote_worker_exits_for_
     make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
 ) -> None:
     client = make_client(remote(remote_worker), abort_grace_s=0.5, restart_backoff_s=(30,))
-    await client.start(spec_for(write_model(tmp_path / "m.model", fault="hang_after_tokens:2")))
+    model = write_model(tmp_path / "m.model", fault="hang_after_tokens:2", extra=ABORT_NEVER_IN_TIME)
+    await client.start(spec_for(model))
     stream = count_run(client)
     await take(stream, 2)
-    await asyncio.sleep(0.1)  # let it reach the hang
     await stream.abort()
     with pytest.raises(WorkerCrashedError, match=r"did not honour abort within 0\.5s; worker killed; reconnecting"):
         await stream.__anext__()
     assert client.state is WorkerState.RESTARTING
     # The remote side got the same grace with the abort and exits, so systemd (Restart=always) starts it fresh.
-    assert await asyncio.wait_for(remote_worker.process.wait(), 5) == 75
+    assert await asyncio.wait_for(remote_worker.process.wait(), 30) == 75
 
 
 async def test_probe_says_hello_without_loading_and_frees_the_worker_for_the_real_client(
     make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
 ) -> None:
     tasks_before = len(asyncio.all_tasks())
-    hello = await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+    hello = await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert hello.pid == remote_worker.process.pid
     assert hello.protocol_version == protocol.PROTOCOL_VERSION
     assert not hello.initialized  # nothing was loaded
@@ -571,32 +573,32 @@ async def test_probe_says_hello_without_loading_and_frees_the_worker_for_the_rea
     client = make_client(remote(remote_worker))  # the session the probe held is free again
     await client.start(spec_for(write_model(tmp_path / "m.model")))
     await client.stop()
-    assert (await WorkerClient.probe(remote(remote_worker), timeout_s=5)).initialized  # the model stays loaded
+    assert (await WorkerClient.probe(remote(remote_worker), timeout_s=30)).initialized  # the model stays loaded
 
 
 async def test_probe_failures_carry_their_reason(
     make_client: Callable[..., WorkerClient], remote_worker: RemoteWorker, tmp_path: Path
 ) -> None:
     with pytest.raises(EngineUnavailableError) as refused:
-        await WorkerClient.probe(remote(remote_worker, secret="wrong"), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker, secret="wrong"), timeout_s=30)
     assert refused.value.reason == "secret_refused"
     with pytest.raises(EngineUnavailableError) as no_secret:
-        await WorkerClient.probe(remote(remote_worker, secret=""), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker, secret=""), timeout_s=30)
     assert no_secret.value.reason == "secret_refused"
 
     await make_client(remote(remote_worker)).start(spec_for(write_model(tmp_path / "m.model")))
     with pytest.raises(EngineUnavailableError) as busy:
-        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert busy.value.reason == "worker_busy"
 
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     with pytest.raises(EngineUnavailableError) as unreachable:
-        await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=5)
+        await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=30)
     assert unreachable.value.reason == "worker_unreachable"
     with pytest.raises(ValueError, match="remote"):
-        await WorkerClient.probe(WorkerLocation(), timeout_s=5)
+        await WorkerClient.probe(WorkerLocation(), timeout_s=30)
 
 
 async def test_probe_of_a_worker_speaking_another_protocol_is_a_protocol_mismatch(
@@ -604,7 +606,7 @@ async def test_probe_of_a_worker_speaking_another_protocol_is_a_protocol_mismatc
 ) -> None:
     monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)  # this side only
     with pytest.raises(RuntimeIncompatibleError) as refused:
-        await WorkerClient.probe(remote(remote_worker), timeout_s=5)
+        await WorkerClient.probe(remote(remote_worker), timeout_s=30)
     assert refused.value.reason == "protocol_mismatch"
 
 
@@ -613,11 +615,11 @@ async def test_probe_of_a_silent_listener_times_out_as_unreachable(socket_enable
     server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        started = time.monotonic()
+        # The outer 30 s only catches a hang: the probe itself must give up after its own 0.3 s.
+        probe = WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=0.3)
         with pytest.raises(EngineUnavailableError) as silent:
-            await WorkerClient.probe(WorkerLocation(host="127.0.0.1", port=port, secret="x"), timeout_s=0.3)
+            await asyncio.wait_for(probe, 30)
         assert silent.value.reason == "worker_unreachable"
-        assert time.monotonic() - started < 2.0
     finally:
         server.close()
         await server.wait_closed()

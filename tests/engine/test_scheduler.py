@@ -135,12 +135,14 @@ async def test_cancelling_the_running_request_aborts_and_keeps_the_slot_until_re
     running.cancel()  # a second cancel does not abort twice
     assert aborts == ["abort"]
     assert running.abort_requested
-    await asyncio.sleep(0.01)
+    granted = asyncio.create_task(nxt.wait_for_slot())
+    await asyncio.sleep(0)  # one loop turn: the waiter runs and blocks; only a release may grant it (no clock)
     assert scheduler.busy, "slot freed before the run ended"
     assert nxt.state is TicketState.QUEUED
+    assert not granted.done()
 
     running.release()  # the run has really ended now
-    await asyncio.wait_for(nxt.wait_for_slot(), 1)
+    await asyncio.wait_for(granted, 30)
     assert nxt.state is TicketState.RUNNING
 
 
@@ -188,7 +190,7 @@ async def test_closed_scheduler_refuses_and_fails_queued_requests() -> None:
     with pytest.raises(EngineUnavailableError, match="stopped"):
         scheduler.admit()
     running.release()
-    await asyncio.wait_for(scheduler.wait_idle(), 1)
+    await asyncio.wait_for(scheduler.wait_idle(), 30)
 
 
 async def test_hold_admits_but_grants_only_after_resume() -> None:
@@ -196,10 +198,11 @@ async def test_hold_admits_but_grants_only_after_resume() -> None:
     scheduler.hold()
     ticket = scheduler.admit(Priority.CONVERSATION)
     waiter = asyncio.create_task(ticket.wait_for_slot())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: the waiter runs and blocks; only resume() may grant it (no clock)
+    assert ticket.state is TicketState.QUEUED
     assert not waiter.done()
     scheduler.resume()
-    await asyncio.wait_for(waiter, 1)
+    await asyncio.wait_for(waiter, 30)
     ticket.release()
 
 

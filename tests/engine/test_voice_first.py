@@ -101,12 +101,12 @@ async def test_a_voice_request_is_never_refused_because_of_api_requests() -> Non
     assert scheduler.queue_depth == 4
     # Voice is served first, in arrival order.
     running.release()
-    await asyncio.wait_for(voice.wait_for_slot(), 1)
+    await asyncio.wait_for(voice.wait_for_slot(), 30)
     voice.release()
-    await asyncio.wait_for(second_voice.wait_for_slot(), 1)
+    await asyncio.wait_for(second_voice.wait_for_slot(), 30)
     second_voice.release()
     for ticket in api[:2]:
-        await asyncio.wait_for(ticket.wait_for_slot(), 1)
+        await asyncio.wait_for(ticket.wait_for_slot(), 30)
         ticket.release()
 
 
@@ -147,7 +147,7 @@ async def test_with_two_slots_api_requests_wait_while_a_voice_turn_is_active() -
     scheduler.end_turn("turn")
     assert paused == [True, False]  # resumed once the turn is over
     api.release()
-    await asyncio.wait_for(later_api.wait_for_slot(), 1)
+    await asyncio.wait_for(later_api.wait_for_slot(), 30)
     assert later_api.slot == 1
     later_api.release()
 

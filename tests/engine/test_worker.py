@@ -173,17 +173,16 @@ def test_run_replies_accepted_then_streams_text_then_finishes_with_perf(worker: 
 def test_abort_mid_decode_ends_the_run_promptly_and_nothing_leaks_into_the_next(
     worker: WorkerConn, tmp_path: Path
 ) -> None:
-    worker.init(write_model(tmp_path / "m.model", decode_tokens_per_s=20))
+    # 5 tok/s: the 9 tokens left take 1.8 s, so "aborted" (not a natural finish) shows the abort ended the run.
+    worker.init(write_model(tmp_path / "m.model", decode_tokens_per_s=5))
     worker.send("run", run=1, role="user", text="count to twelve")
     pieces = 0
     while pieces < 3:
         event = worker.receive()
         if event.get("ev") == "text":
             pieces += len(protocol.text_pieces(event))
-    started = time.monotonic()
     assert worker.request("abort", run=1)["was_running"] is True
     events = worker.until_run_end(1)
-    assert time.monotonic() - started < 1.0
     assert events[-1]["ev"] == "finish"
     assert events[-1]["aborted"] is True
 
@@ -314,7 +313,7 @@ def test_local_worker_dies_with_its_parent_even_if_the_socket_stays_open(tmp_pat
     )
     worker_pid, keeper_pid = (int(pid) for pid in result.stdout.split())
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a wait, not a bound: the kernel signals the worker at once
         while time.monotonic() < deadline and process_alive(worker_pid):
             time.sleep(0.05)
         assert not process_alive(worker_pid), "the worker outlived its parent"

@@ -15,6 +15,9 @@ from rkllm_native.runtime import RunInput, RunOptions, RunOutcome, Runtime, Runt
 from .binding_helpers import RecordingSink, write_model
 
 LONG_ANSWER = " ".join(f"word{index}" for index in range(200))  # 400 tokens: 20 s at 20 tok/s
+# The tests wait for events (a first text, run() returning) with generous timeouts, never for the clock. A run that
+# ends long before its natural end with `aborted` and no finish was ended by the abort; no late event is proven by
+# destroy(), after which the runtime can call nobody back.
 
 
 class RunThread:
@@ -40,12 +43,12 @@ class RunThread:
         self._thread.start()
         return self
 
-    def join(self, timeout: float = 10.0) -> None:
+    def join(self, timeout: float = 60.0) -> None:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "run() did not return"
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
@@ -60,50 +63,42 @@ def slow_decode_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
 
 
 def test_abort_mid_prefill_returns_promptly_without_events(runtime: Runtime, tmp_path: Path) -> None:
-    # About 2000 prompt tokens at 100 tok/s: 20 s of prefill, in chunks of 16 tokens (0.16 s).
-    model = write_model(tmp_path, "speed = 1", "prefill_tokens_per_s = 100", "prefill_chunk_tokens = 16")
+    # About 2000 prompt tokens at 10 tok/s: 200 s of prefill, in chunks of 16 tokens (1.6 s); join() waits 60 s.
+    model = write_model(tmp_path, "speed = 1", "prefill_tokens_per_s = 10", "prefill_chunk_tokens = 16")
     runtime.init(RuntimeParams(model_path=model))
     sink = RecordingSink()
-    started = time.monotonic()
     worker = RunThread(runtime, "word " * 1000, sink).start()
-    wait_for(runtime.is_running)
-    time.sleep(0.2)
-    aborted_at = time.monotonic()
+    wait_for(runtime.native_is_running)  # inside rkllm_run: an abort cannot come before the run
     runtime.abort()
-    worker.join()
+    worker.join()  # long before the prefill's natural end: the abort ended it
     assert worker.error is None
     assert worker.outcome is not None
     assert worker.outcome.aborted
     assert worker.outcome.perf is None
-    assert worker.returned_at is not None
-    assert worker.returned_at - aborted_at < 2.0
-    assert worker.returned_at - started < 5.0
-    time.sleep(0.1)
-    assert sink.events == []
     assert not runtime.is_running()
+    runtime.destroy()  # a barrier: after it nothing can call the sink back
+    assert sink.events == []
 
 
 def test_abort_mid_decode_returns_promptly_and_no_event_follows(slow_decode_runtime: Runtime) -> None:
     runtime = slow_decode_runtime
     sink = RecordingSink()
     worker = RunThread(runtime, "tell me everything", sink).start()
-    assert sink.first_text.wait(10)
-    time.sleep(0.15)
-    aborted_at = time.monotonic()
+    assert sink.first_text.wait(30)
     runtime.abort()
+    texts_at_abort = len(sink.texts)
     worker.join()
     assert worker.error is None
     assert worker.outcome is not None
     assert worker.outcome.aborted
     assert not worker.outcome.paused
     assert worker.returned_at is not None
-    assert worker.returned_at - aborted_at < 1.0
-    assert 0 < len(sink.texts) < 50
+    assert 0 < len(sink.texts) == texts_at_abort < 400  # silenced at the abort, long before the answer's end
     assert LONG_ANSWER.startswith(sink.text)
     assert "finish" not in sink.kinds
-    time.sleep(0.2)
+    runtime.destroy()  # a barrier: after it nothing can call the sink back
+    assert len(sink.texts) == texts_at_abort
     assert all(not event.after_return for event in sink.events)
-    assert all(event.at <= worker.returned_at for event in sink.events)
 
 
 def test_abort_when_idle_is_a_no_op_and_not_sticky(slow_decode_runtime: Runtime, tmp_path: Path) -> None:
@@ -122,7 +117,7 @@ def test_second_run_while_one_runs_is_refused(slow_decode_runtime: Runtime) -> N
     runtime = slow_decode_runtime
     worker = RunThread(runtime, "first", RecordingSink()).start()
     try:
-        assert worker.sink.first_text.wait(10)
+        assert worker.sink.first_text.wait(30)
         with pytest.raises(RuntimeBusyError) as caught:
             runtime.run(RunInput(role="user", text="second"), RunOptions(), RecordingSink())
         assert str(caught.value) == "a run is already in progress on this runtime; runs are one at a time"
@@ -137,10 +132,8 @@ def test_second_run_while_one_runs_is_refused(slow_decode_runtime: Runtime) -> N
 def test_destroy_during_a_run_aborts_it_and_is_idempotent(slow_decode_runtime: Runtime) -> None:
     runtime = slow_decode_runtime
     worker = RunThread(runtime, "first", RecordingSink()).start()
-    assert worker.sink.first_text.wait(10)
-    started = time.monotonic()
-    runtime.destroy()
-    assert time.monotonic() - started < 2.0
+    assert worker.sink.first_text.wait(30)
+    runtime.destroy()  # the run had 20 s to go: its aborted outcome shows destroy() ended it
     worker.join()
     assert worker.outcome is not None
     assert worker.outcome.aborted
@@ -159,7 +152,7 @@ def test_abort_delay_of_the_runtime_is_waited_out(runtime: Runtime, tmp_path: Pa
     runtime.init(RuntimeParams(model_path=model))
     sink = RecordingSink()
     worker = RunThread(runtime, "x", sink).start()
-    assert sink.first_text.wait(10)
+    assert sink.first_text.wait(30)
     aborted_at = time.monotonic()
     runtime.abort()
     texts_at_abort = len(sink.texts)
@@ -169,7 +162,7 @@ def test_abort_delay_of_the_runtime_is_waited_out(runtime: Runtime, tmp_path: Pa
     assert worker.returned_at is not None
     # The runtime kept generating for another 0.3 s, but the sink was silenced at once.
     assert len(sink.texts) == texts_at_abort
-    assert 0.25 < worker.returned_at - aborted_at < 2.0
+    assert worker.returned_at - aborted_at > 0.25  # a lower bound: load only lengthens it
 
 
 def test_sink_may_abort_from_inside_the_callback(slow_decode_runtime: Runtime) -> None:
@@ -183,8 +176,6 @@ def test_sink_may_abort_from_inside_the_callback(slow_decode_runtime: Runtime) -
             return False
 
     sink = AbortingSink()
-    started = time.monotonic()
     outcome = runtime.run(RunInput(role="user", text="x"), RunOptions(), sink)
-    assert outcome.aborted
+    assert outcome.aborted  # after 2 of 400 tokens (20 s): the abort from the callback ended it
     assert len(sink.texts) == 2
-    assert time.monotonic() - started < 2.0

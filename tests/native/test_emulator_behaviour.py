@@ -289,7 +289,7 @@ def test_init_prints_runtime_lines_and_takes_the_load_time(
     elapsed = time.monotonic() - started
     assert session.init_rc == 0
     assert session.handle
-    assert 0.15 <= elapsed < 1.0
+    assert elapsed >= 0.15  # the load time is slept (a lower bound: load only lengthens it)
     version = "1.3.0" if profile == "v130" else "1.2.3"
     assert capfd.readouterr().out.splitlines() == [
         f"I rkllm: rkllm-runtime version: {version}, rknpu driver version: 0.9.8, platform: RK3588",
@@ -606,32 +606,32 @@ def test_abort_from_another_thread_ends_the_run_without_finish(
     sessions: Callable[..., Session],
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    answer = " ".join(["word"] * 200)  # 400 tokens at 100 tok/s: 4 s unless aborted
+    answer = " ".join(["word"] * 200)  # 400 tokens at 20 tok/s: 20 s unless aborted
     session = sessions(
-        profile, write_model(f"speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 100\ndefault_answer = {answer}\n")
+        profile, write_model(f"speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 20\ndefault_answer = {answer}\n")
     )
     seen_running: list[int] = []
+    first_token = threading.Event()
 
-    def abort_soon() -> None:
-        deadline = time.monotonic() + 2
-        while not session.lib.is_running(session.handle) and time.monotonic() < deadline:
-            time.sleep(0.005)
+    def on_event(s: Session, event: Event) -> int:
+        first_token.set()
+        return 0
+
+    def abort_after_the_first_token() -> None:
+        assert first_token.wait(30)
         seen_running.append(session.lib.is_running(session.handle))
-        time.sleep(0.1)
         session.lib.abort(session.handle)
 
-    aborter = threading.Thread(target=abort_soon)
+    session.on_event = on_event
+    aborter = threading.Thread(target=abort_after_the_first_token)
     aborter.start()
-    started = time.monotonic()
     result = session.one("talk")
-    elapsed = time.monotonic() - started
     aborter.join()
     assert seen_running == [1]
     assert session.lib.is_running(session.handle) == 0
     assert result.rc == 0
-    assert result.finish is None
-    assert 0.1 < elapsed < 1.0
-    assert 5 < len(result.events) < 60
+    assert result.finish is None  # ended by the abort, not at the answer's end
+    assert 0 < len(result.events) < ntok(answer)
     assert "I rkllm: rkllm_run was aborted" in capfd.readouterr().out.splitlines()
     assert session.kv() == [ntok(system_part(DEFAULT_SYSTEM))]  # keep_history=0: back to the system prompt
 
@@ -658,7 +658,7 @@ def test_abort_delay_is_honoured(write_model: Callable[..., Path], sessions: Cal
     delay = time.monotonic() - aborted_at[0]
     assert result.rc == 0
     assert result.finish is None
-    assert 0.3 <= delay < 0.6
+    assert delay >= 0.3  # the abort took effect only after its delay (a lower bound: load only lengthens it)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -692,16 +692,34 @@ def test_run_async_returns_at_once_and_delivers_from_its_thread(
     session = sessions(
         profile, write_model("speed = 1\nload_time_ms = 0\ndecode_tokens_per_s = 100\ndefault_answer = a b c d e\n")
     )
+    release = threading.Event()
+    finished = threading.Event()
+    delivered_on: set[int] = set()
+
+    def on_event(s: Session, event: Event) -> int:
+        delivered_on.add(threading.get_ident())
+        assert release.wait(30)  # the run cannot end before the test lets it
+        if event.state == FINISH:
+            finished.set()
+        return 0
+
+    session.on_event = on_event
     item = session.make_input("hi")
     session.events = [[]]
-    started = time.monotonic()
     assert (
         session.lib.run_async(session.handle, ctypes.byref(item), ctypes.byref(session.make_infer()), None) == 0
     )
-    assert time.monotonic() - started < 0.05
+    # Order, not duration: run_async returned while its run was held in a callback, so it did not wait for it.
     assert session.lib.is_running(session.handle) == 1
-    while session.lib.is_running(session.handle):
+    assert not finished.is_set()
+    release.set()
+    assert finished.wait(30)
+    assert delivered_on
+    assert threading.get_ident() not in delivered_on  # from the run's own thread
+    deadline = time.monotonic() + 30  # is_running drops when the run's thread is done (no event tells when)
+    while session.lib.is_running(session.handle) and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert session.lib.is_running(session.handle) == 0
     assert RunResult(0, session.events[0]).text == "a b c d e"
     assert session.events[0][-1].state == FINISH
 
@@ -714,21 +732,31 @@ def test_handles_are_independent_and_run_in_parallel(
     first = sessions("v130", write_model(timing + "default_answer = a b c d e f g h i j\n", name="one.model"))
     second = sessions("v130", write_model(timing + "default_answer = k l m n o p q r s t\n", name="two.model"))
     first.set_template("", "", "")  # only the first handle changes its template
+    # Each run waits in its first callback until the other run is in its own: only side by side can both get there
+    # (one after the other, the barrier breaks). A rendezvous, not a stopwatch.
+    meet = threading.Barrier(2, timeout=30)
+    met: list[str] = []
+
+    def rendezvous(s: Session, event: Event) -> int:
+        if len(s.events[0]) == 1:
+            meet.wait()
+            met.append("met")
+        return 0
+
+    first.on_event = second.on_event = rendezvous
     results: dict[str, RunResult] = {}
     threads = [
         threading.Thread(target=lambda s=session, n=name: results.__setitem__(n, s.one("go", keep_history=True)))
         for name, session in (("first", first), ("second", second))
     ]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - started
+        thread.join(60)
+    assert met == ["met", "met"]
     assert (results["first"].text, results["second"].text) == ("a b c d e f g h i j", "k l m n o p q r s t")
     answer_tokens = ntok("a b c d e f g h i j")
     assert answer_tokens == 10
-    assert elapsed < 0.4 * 1.6  # 10 tokens at 25 tok/s each, side by side rather than one after the other
     assert first.kv() == [ntok("go") + answer_tokens]  # the end-of-turn token waits for the next turn (§6)
     assert second.kv() == [ntok(system_part(DEFAULT_SYSTEM) + user_turn("go")) + answer_tokens]
 
@@ -960,8 +988,12 @@ def test_timing_follows_the_calibration(write_model: Callable[..., Path], sessio
     prefill_ms, prefill_tokens, generate_ms, generate_tokens, memory = result.finish.perf
     assert generate_tokens == ntok(answer) == 20
     assert memory == 1689
-    assert 338 * 10 * 0.8 <= prefill_tokens / (prefill_ms / 1000) <= 338 * 10 * 1.01
-    assert 16.69 * 10 * 0.8 <= generate_tokens / (generate_ms / 1000) <= 16.69 * 10 * 1.01
+    prefill_rate, generate_rate = prefill_tokens / (prefill_ms / 1000), generate_tokens / (generate_ms / 1000)
+    print(f"\ncalibrated x10: prefill {prefill_rate:.0f} tok/s (3380), decode {generate_rate:.1f} tok/s (166.9)")
+    # Never faster than the calibration, and the sleeps really happen: lower bounds on time, which a loaded
+    # machine only lengthens. How close to the calibration it runs is measured, not asserted (it is a speed).
+    assert prefill_rate <= 338 * 10 * 1.01
+    assert generate_rate <= 16.69 * 10 * 1.01
     assert elapsed >= (prefill_tokens / 3380 + generate_tokens / 166.9) * 0.99
 
 
@@ -992,9 +1024,11 @@ assert session.init_rc == 0
 if sys.argv[3] == "hang":
     worker = threading.Thread(target=session.one, args=("x",), daemon=True)
     worker.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while sum(len(events) for events in session.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the two tokens before the hang came (no event to wait on across the C boundary)
     session.lib.abort(session.handle)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a hang is observed as a run that outlives an abort (load only makes it look longer)
     print("running", session.lib.is_running(session.handle), "alive", worker.is_alive(), flush=True)
     import os
     os._exit(0)

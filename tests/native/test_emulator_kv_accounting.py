@@ -173,7 +173,8 @@ def test_a_prefix_switch_takes_the_prefill_time_of_the_whole_new_prompt(
     prompt = system_part(long_api) + user_turn("write a letter")
     assert switched.perf.prefill_tokens == ntok(prompt) > 300
     expected_ms = switched.perf.prefill_tokens / 2000 * 1000
-    assert expected_ms * 0.95 <= switched.perf.prefill_time_ms <= expected_ms * 1.3
+    # Every prefilled token was paid for (a lower bound on time, which a loaded machine only lengthens).
+    assert switched.perf.prefill_time_ms >= expected_ms * 0.95
 
 
 def test_a_run_cut_at_max_new_tokens_keeps_the_identity_and_the_next_turn_prefills_only_itself(

@@ -39,8 +39,13 @@ TIMED_MODEL = (
     "prefill_tokens_per_s = 1000",
     f"default_answer = {ANSWER}",
 )
-SLOWER = 1.5  # two at once: each run at least this much slower than alone (the model says 2x)
-UNHINDERED = 1.3  # a run next to a blocked one: at most this much slower than alone (the model says 1x)
+# Two at once: each run at least this much slower than the model's own rates (it says 2x). Against the nominal rates,
+# not a measured "alone" run, this is a lower bound on time: a loaded machine only lengthens it.
+SLOWER = 1.5
+# A run next to a blocked one (or with sharing off): at most this much slower than alone. The model says 1x, shared
+# says 2x; the bound sits between them, far enough from 1x that a loaded machine's jitter does not reach it.
+UNHINDERED = 1.7
+NOMINAL = PerfStat(prefill_time_ms=1.0, prefill_tokens=1, generate_time_ms=5.0, generate_tokens=1, memory_usage_mb=0)
 _names = itertools.count()
 
 
@@ -126,8 +131,8 @@ def test_two_handles_of_one_process_each_run_about_half_as_fast(
     for result in together:
         assert result.text == alone.text
         assert result.perf.prefill_tokens == alone.perf.prefill_tokens
-        prefill, decode = slow_down(result.perf, alone.perf)
-        print(f"two handles at once: prefill {prefill:.2f}x, decode {decode:.2f}x slower than alone")
+        prefill, decode = slow_down(result.perf, NOMINAL)
+        print(f"two handles at once: prefill {prefill:.2f}x, decode {decode:.2f}x slower than the model's rates")
         assert prefill > SLOWER
         assert decode > SLOWER
 
@@ -199,8 +204,8 @@ def test_two_worker_processes_each_run_about_half_as_fast(npu_name: str, tmp_pat
     together = run_in_processes(2, model, profile)
     for result in together:
         assert result.text == alone.text == ANSWER
-        prefill, decode = slow_down(result.perf, alone.perf)
-        print(f"two processes at once ({profile}): prefill {prefill:.2f}x, decode {decode:.2f}x slower than alone")
+        prefill, decode = slow_down(result.perf, NOMINAL)
+        print(f"two processes at once ({profile}): prefill {prefill:.2f}x, decode {decode:.2f}x slower than nominal")
         assert prefill > SLOWER
         assert decode > SLOWER
 
@@ -268,7 +273,7 @@ def test_sharing_off_or_speed_0_leaves_runs_independent(
     monkeypatch.setenv("RKLLM_EMULATOR_NPU_SHARING", "on")
     forced = [open_runtime(runtimes, off), open_runtime(runtimes, off)]
     for result in run_together(forced):
-        assert slow_down(result.perf, alone.perf)[1] > SLOWER
+        assert slow_down(result.perf, NOMINAL)[1] > SLOWER
     monkeypatch.setenv("RKLLM_EMULATOR_NPU_SHARING", "off")
     shared = write_model(tmp_path, *TIMED_MODEL, name="shared.model")
     for result in run_together([open_runtime(runtimes, shared), open_runtime(runtimes, shared)]):

