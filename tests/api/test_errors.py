@@ -20,9 +20,9 @@ from homeassistant.core import HomeAssistant, callback
 from homeassistant.setup import async_setup_component
 from openai import APIError, AsyncOpenAI, AuthenticationError, BadRequestError, InternalServerError
 
-from custom_components.rkllm import openai_schemas
 from custom_components.rkllm.const import DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, QueueFullError
+from rkllm_openai import schemas as openai_schemas
 
 from .conftest import (
     AGENT_MODEL_ID,
