@@ -520,5 +520,8 @@ def test_slots_are_skipped_with_a_note_when_two_instances_cannot_fit(tmp_path: P
     assert set(slot_checks) == SLOT_CHECKS
     assert {check["status"] for check in slot_checks.values()} == {"UNKNOWN"}
     assert {check["detail"] for check in slot_checks.values()} == {skipped}
-    assert report["exit_status"] == 0  # inconclusive is not a failure
+    # Inconclusive is not a failure: only another check's FAIL (the speed check on a loaded machine) sets it.
+    failed = {check["id"] for check in report["checks"] if check["status"] == "FAIL"}
+    assert failed <= {"performance"}
+    assert report["exit_status"] == (1 if failed else 0)
     assert f"slots     {skipped}" in result.stdout
