@@ -319,6 +319,7 @@ class HassProcess:
         env["RKLLM_DEVELOP_HOST"] = "127.0.0.1"
         env["RKLLM_DEVELOP_PORT"] = str(self.port)
         env["RKLLM_EMULATOR_SPEED"] = f"{self.speed:g}"
+        env["RKLLM_DEVELOP"] = "1"  # the integration accepts the emulator's model only on a development machine
         # Inherited by the rkllm worker too: whoever looks for leftovers of this run can find them by it.
         env[WORKDIR_ENV] = str(self.config)
         with self.output.open("wb") as output:
