@@ -31,7 +31,7 @@ import pytest
 
 from demo import long_lived_token, seed_config
 from tests.conftest import REPO_ROOT
-from tests.ship.test_release_zip import _free_port, _processes_using, clean_env, release
+from tests.ship.test_release_zip import _free_port, _processes_using, clean_env, release, stop_home_assistant
 
 BARE_LOCK = REPO_ROOT / "requirements" / "bare-2026.11.lock"
 HA_VERSION = "2026.11.0"
@@ -212,8 +212,7 @@ def test_bare_home_assistant_installs_the_requirements_and_the_agent_answers(bar
     speech = json.loads(body)["response"]["speech"]["plain"]["speech"]
     assert speech.startswith("Hello! I can turn the kitchen light on or off"), body
 
-    bare_home.process.send_signal(signal.SIGTERM)
-    assert bare_home.process.wait(timeout=60) == 0
+    assert stop_home_assistant(bare_home.process) == 0
     deadline = time.monotonic() + 60  # a wait, not a bound: the worker leaves with Home Assistant
     while _processes_using(bare_home.config) and time.monotonic() < deadline:
         time.sleep(0.2)
