@@ -20,6 +20,7 @@ from custom_components.rkllm import http as api_http
 from custom_components.rkllm.compat import SUPPORTS_THINKING_DELTA
 from custom_components.rkllm.const import CONF_ENABLE_THINKING, DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, QueueFullError
+from tests.waits import wait_for_metrics
 
 from .conftest import (
     AGENT_MODEL_ID,
@@ -32,7 +33,7 @@ from .conftest import (
     streamed_content,
     write_model,
 )
-from .test_disconnect import is_idle, wait_for_metrics
+from .test_disconnect import is_idle
 from .test_errors import assert_openai_error
 
 LONG_STORY = [{"role": "user", "content": "tell me a long story"}]

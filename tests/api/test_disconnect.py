@@ -9,31 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
 from typing import Any
 
-from rkllm_engine.engine import Engine
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineMetrics, EngineState
+from tests.waits import wait_for_metrics
 
 from .conftest import MODEL_ID, ApiServer, runtime_of
 
 LONG_STORY_BODY = {"model": MODEL_ID, "messages": [{"role": "user", "content": "tell me a long story"}]}
 
 
-async def wait_for_metrics(engine: Engine, condition: Callable[[EngineMetrics], bool], timeout_s: float = 30) -> None:
-    """Wait until the engine publishes metrics meeting `condition` (its listener: no polling, no clock)."""
-    reached = asyncio.Event()
-
-    def check(metrics: EngineMetrics) -> None:
-        if condition(metrics):
-            reached.set()
-
-    remove = engine.add_listener(check)
-    try:
-        check(engine.metrics)
-        await asyncio.wait_for(reached.wait(), timeout_s)
-    finally:
-        remove()
 
 
 def is_idle(metrics: EngineMetrics) -> bool:

@@ -27,7 +27,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.rkllm.const import CONF_WATCHDOG_S, DOMAIN
 from custom_components.rkllm.repairs import issue_id_for
 from rkllm_engine.types import EngineMetrics, EngineState
-from tests.ha.conftest import wait_for_metrics
+from tests.waits import wait_for_metrics
 
 from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, runtime_of, sse_chunks, write_model
 from .test_errors import assert_openai_error

@@ -12,7 +12,7 @@ from homeassistant.setup import async_setup_component
 
 from custom_components.rkllm.const import DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineState
-from tests.ha.conftest import wait_for_metrics
+from tests.waits import wait_for_metrics
 
 from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, runtime_of, write_model
 from .test_chat import WEATHER_TOOL

@@ -19,7 +19,7 @@ from rkllm_engine.prompting import MAX_TOOL_SCHEMA_DEPTH
 from rkllm_engine.types import EngineState
 from rkllm_openai.schemas import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from tests.engine.test_client import worker_children
-from tests.ha.conftest import wait_for_metrics
+from tests.waits import wait_for_metrics
 
 from .conftest import API_MODEL, MODEL_ID, ApiServer, add_entry, runtime_of, sse_chunks, streamed_content, write_model
 from .test_errors import assert_openai_error

@@ -16,7 +16,7 @@ from homeassistant.core import Context, HomeAssistant
 
 from custom_components.rkllm.const import CONF_SLOTS
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineMetrics, QueueFullError
-from tests.ha.conftest import wait_for_metrics
+from tests.waits import wait_for_metrics
 
 from .conftest import LONG_STORY, MODEL_ID, ApiServer, add_entry, runtime_of, sse_chunks, streamed_content, write_model
 from .test_errors import assert_openai_error

@@ -36,6 +36,7 @@ from rkllm_engine.types import (
     WorkerCrashedError,
 )
 from rkllm_native.build import emulator_library
+from tests.waits import wait_for_metrics
 
 ASSIST_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "assist"
 ASSIST_DUMP = ASSIST_DATA / "assist_dump_2026.2.3.json"
@@ -62,20 +63,6 @@ def model_file(directory: Path, *, extra: str = "", **keys: object) -> Path:
 EngineFactory = Callable[..., Awaitable[Engine]]
 
 
-async def wait_for_metrics(engine: Engine, condition: Callable[[EngineMetrics], bool], timeout_s: float = 30) -> None:
-    """Wait for a published metrics snapshot meeting `condition` (the engine's listener, no polling)."""
-    reached = asyncio.Event()
-
-    def check(metrics: EngineMetrics) -> None:
-        if condition(metrics):
-            reached.set()
-
-    remove = engine.add_listener(check)
-    try:
-        check(engine.metrics)
-        await asyncio.wait_for(reached.wait(), timeout_s)
-    finally:
-        remove()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ switched off (`RKLLM_EMULATOR_SPEED=0`) unless a test asks for timing.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import re
@@ -15,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rkllm.config_flow import default_conversation_options
 from custom_components.rkllm.const import CONF_WORKER_ENV, DOMAIN, SUBENTRY_CONVERSATION
-from rkllm_engine.engine import Engine
-from rkllm_engine.types import EngineMetrics
 from rkllm_native.build import emulator_library
 from tests.ha_shared import (  # fixtures are registered by the names this conftest holds
     KITCHEN_LIGHT,
@@ -114,21 +111,6 @@ def entry_data(library: str, model: Path | str, **overrides: Any) -> dict[str, A
     return flow_input(library, model, **{CONF_WORKER_ENV: dict(FAST_ENV), **overrides})
 
 
-async def wait_for_metrics(engine: Engine, condition: Callable[[EngineMetrics], bool], timeout_s: float = 30) -> None:
-    """Wait until the engine publishes metrics meeting `condition` (e.g. the slot freed after the last event)."""
-    reached = asyncio.Event()
-
-    def check(metrics: EngineMetrics) -> None:
-        if condition(metrics):
-            reached.set()
-
-    remove = engine.add_listener(check)
-    try:
-        check(engine.metrics)
-        async with asyncio.timeout(timeout_s):
-            await reached.wait()
-    finally:
-        remove()
 
 
 def conversation_subentry(title: str = "Assist on NPU", **options: Any) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from custom_components.rkllm.repairs import (
 )
 from rkllm_engine.engine import Engine
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineState
-from tests.ha.conftest import entry_data, wait_for_metrics
+from tests.ha.conftest import entry_data
+from tests.waits import wait_for_metrics
 
 INTEGRATION_DIR = Path(__file__).resolve().parents[2] / "custom_components" / "rkllm"
 LEARN_MORE = "https://github.com/rkllm/rkllm#troubleshooting"

@@ -17,8 +17,9 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rkllm.const import DOMAIN
 from rkllm_engine.types import ChatMessage, ChatRequest, EngineError, EngineState, Priority
-from tests.ha.conftest import entry_data, wait_for_metrics
+from tests.ha.conftest import entry_data
 from tests.ha_shared import device_of
+from tests.waits import wait_for_metrics
 
 CONTEXT_LENGTH = 1024
 EMULATOR_ENV = {"RKLLM_EMULATOR_SPEED": "20"}
